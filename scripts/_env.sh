@@ -1,0 +1,18 @@
+# Shared by scripts/quickstart.sh and scripts/test.sh: a project-local virtualenv, installed from the
+# committed constraints file so that every machine gets the same versions.
+VENV="${ENCLAVEKIT_VENV:-$PWD/.venv}"
+ensure_venv() {
+    local py="${PYTHON:-python3}"
+    if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "enclavekit needs Python >= 3.11 (found: $("$py" --version 2>&1))" >&2
+        exit 1
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$py" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,326 @@
+"""One error root for everything a user can see, with stable codes.
+
+Codes E00–E60 mean exactly what they mean in nitro-cli (same number, same failure, and the process exit status is
+the number, as nitro-cli does).  Failures nitro-cli does not have get new codes from E61 upwards, grouped by family.
+``enclavekit explain --error-code EXX`` prints the catalogue entry below.
+
+Families follow the cause of the failure:
+
+* :class:`FormatError`: untrusted bytes did not parse (EIF, CBOR, cpio, COSE, attestation documents, archives).
+* :class:`VerificationError`: well formed, but not trustworthy (signature, certificate chain, policy).
+* :class:`NSMError`: an NSM wire error code (``InvalidIndex``, ``ReadOnlyIndex``, …).
+* :class:`ImageError`: building or signing an enclave image failed.
+* :class:`ConfigError`: bad arguments or configuration.
+* :class:`FileOperationError`: a file could not be read or written.
+
+Caller bugs raise ``TypeError``/``ValueError``/``RuntimeError`` instead.  Messages say what was expected and what
+arrived; they never contain key material, plaintext or whole documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "ErrorCode",
+    "CATALOGUE",
+    "lookup",
+    "EnclaveKitError",
+    "ConfigError",
+    "FileOperationError",
+    "FormatError",
+    "CBORError",
+    "EIFFormatError",
+    "EIFValidationError",
+    "ArchiveError",
+    "UnsafeArchiveEntry",
+    "ImageError",
+    "ImageSourceError",
+    "ImageBuildError",
+    "SigningError",
+    "SigningCertificateError",
+    "SigningKeyError",
+    "VerificationError",
+    "NSMError",
+]
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """A catalogue entry: the stable code, its name, what it means, and what to do about it."""
+
+    code: str
+    name: str
+    meaning: str
+    action: str
+
+    @property
+    def number(self) -> int:
+        return int(self.code[1:])
+
+    @property
+    def exit_status(self) -> int:
+        # nitro-cli: exit status = the code's number.  Keep it a valid status byte, never 0.
+        n = self.number
+        return n if 0 < n < 256 else 1
+
+
+def _entries() -> list[ErrorCode]:
+    e = ErrorCode
+    return [
+        # ---- nitro-cli's codes (aws-nitro-enclaves-cli src/common/mod.rs), same number, same failure ----
+        e("E00", "Unspecified", "An error that has no more specific code.",
+          "Read the message; run again with BACKTRACE=1 for a traceback and report it if it looks like a bug."),
+        e("E01", "MissingArgument", "A required argument was not given.",
+          "Give the argument named in the message; see the command's --help."),
+        e("E02", "ConflictingArgument", "Two arguments that exclude each other were both given.",
+          "Keep only one of the arguments named in the message."),
+        e("E03", "InvalidArgument", "An argument has a value that is not allowed.",
+          "Correct the value named in the message; see the command's --help for the accepted form."),
+        e("E04", "SocketPairCreation", "A socket pair could not be created.", "Check the process's file limits."),
+        e("E05", "ProcessSpawn", "A process could not be started.", "Check permissions and resource limits."),
+        e("E06", "Daemonize", "The enclave supervisor could not detach.", "Check resource limits and permissions."),
+        e("E07", "ReadFromDisk", "The sockets directory could not be read.",
+          "Check that the run directory exists and is readable."),
+        e("E08", "UnusableConnection", "A connection could not be used.", "Retry; check the peer process."),
+        e("E09", "SocketClose", "A socket could not be closed.", "Retry; check the process's file descriptors."),
+        e("E10", "SocketConnectTimeout", "Connecting a socket timed out.", "Check that the peer is running."),
+        e("E11", "Socket", "A socket operation failed.", "Read the message for the failing operation."),
+        e("E12", "Epoll", "Waiting for events failed.", "Retry; check resource limits."),
+        e("E13", "Inotify", "Watching a file failed.", "Check inotify limits (fs.inotify.max_user_watches)."),
+        e("E14", "InvalidCommand", "The command is not valid here.", "See --help for the available commands."),
+        e("E15", "LockAcquire", "A lock could not be taken.", "Retry; another process may hold the lock."),
+        e("E16", "ThreadJoin", "A worker thread failed.", "Retry; report it if it repeats."),
+        e("E17", "Serde", "Data could not be serialized or parsed (JSON, YAML).",
+          "Check the file or value named in the message for syntax errors."),
+        e("E18", "FilePermissions", "A file has the wrong permissions.", "Fix the file's mode or owner."),
+        e("E19", "FileOperation", "A file could not be opened, read or written.",
+          "Check that the file named in the message exists and that you may read (or write) it."),
+        e("E20", "InvalidCpuConfiguration", "The CPU configuration is not valid.",
+          "Check --cpu-count/--cpu-ids and the allocator's cpu pool."),
+        e("E21", "NoSuchCpuAvailableInPool", "A requested CPU is not in the enclave CPU pool.",
+          "Request CPUs from the pool configured in allocator.yaml."),
+        e("E22", "InsufficientCpus", "Not enough CPUs are free in the pool.",
+          "Request fewer CPUs, terminate another enclave, or enlarge the pool."),
+        e("E23", "MalformedCpuId", "A CPU id could not be parsed.", "Give CPU ids as non-negative integers."),
+        e("E24", "CpuError", "A CPU operation failed.", "Check the CPU configuration."),
+        e("E25", "NoSuchHugepageFlag", "No matching huge page size.", "Check the memory configuration."),
+        e("E26", "InsufficientMemoryRequested", "The requested memory is less than the enclave image needs.",
+          "Request more memory with --memory (at least the amount in the message)."),
+        e("E27", "InsufficientMemoryAvailable", "Not enough memory is free in the enclave memory pool.",
+          "Request less memory, terminate another enclave, or enlarge memory_mib in allocator.yaml."),
+        e("E28", "InvalidEnclaveFd", "The enclave handle is not valid.", "Start the enclave again."),
+        e("E29", "Ioctl", "A device operation failed.", "Read the message for the failing operation."),
+        e("E30", "IoctlImageLoadInfo", "Image load information could not be read.", "Start the enclave again."),
+        e("E31", "IoctlSetMemoryRegion", "A memory region could not be set.", "Start the enclave again."),
+        e("E32", "IoctlAddVcpu", "A vCPU could not be added.", "Check the CPU pool."),
+        e("E33", "IoctlEnclaveStart", "The enclave could not be started.", "Read the message and the console log."),
+        e("E34", "MemoryOverflow", "The image does not fit the enclave memory.", "Request more memory."),
+        e("E35", "EifParsing", "The enclave image file (EIF) is malformed.",
+          "Rebuild the image; check that the file was copied completely. `describe-eif` shows what is wrong."),
+        e("E36", "EnclaveBootFailure", "The enclave did not boot.",
+          "Read the console lines in the message and the enclave's console log."),
+        e("E37", "EnclaveEventWait", "Waiting for an enclave event failed.", "Retry."),
+        e("E38", "EnclaveProcessCommandNotExecuted", "The enclave supervisor did not execute the command.",
+          "Retry; check the supervisor's log."),
+        e("E39", "EnclaveProcessConnectionFailure", "The enclave supervisor could not be reached.",
+          "Check that the enclave is still running (describe-enclaves)."),
+        e("E40", "SocketPathNotFound", "The enclave's socket does not exist.",
+          "Check the enclave id with describe-enclaves."),
+        e("E41", "EnclaveProcessSendReply", "The enclave supervisor could not reply.", "Retry."),
+        e("E42", "Mmap", "Memory could not be mapped.", "Check memory limits."),
+        e("E43", "Munmap", "Memory could not be unmapped.", "Check memory limits."),
+        e("E44", "ConsoleConnection", "The enclave console could not be attached.",
+          "Only enclaves started with --debug-mode have a console."),
+        e("E45", "ConsoleRead", "The enclave console could not be read.", "Retry."),
+        e("E46", "ConsoleWriteOutput", "Console output could not be written.", "Check the terminal or pipe."),
+        e("E47", "IntegerParsing", "An integer could not be parsed.", "Give a plain decimal integer."),
+        e("E48", "EifBuilding", "The enclave image could not be built.",
+          "Read the message; check the blobs, the image source and the output path."),
+        e("E49", "DockerImageBuild", "The container image could not be built.", "Check the image source."),
+        e("E50", "DockerImagePull", "The container image could not be obtained.",
+          "Use a local source: docker-archive:PATH, oci-archive:PATH, oci:DIR or dir:DIR."),
+        e("E51", "ArtifactsPathNotSet", "No path for build artifacts.", "Set NITRO_CLI_ARTIFACTS or HOME."),
+        e("E52", "BlobsPathNotSet", "No path for the enclave blobs.", "Pass --blobs DIR or set NITRO_CLI_BLOBS."),
+        e("E53", "ClockSkew", "The clock is not usable.", "Check the system clock."),
+        e("E54", "SignalMasking", "Signals could not be masked.", "Retry."),
+        e("E55", "SignalUnmasking", "Signals could not be unmasked.", "Retry."),
+        e("E56", "Logger", "The log could not be written.", "Check the log directory."),
+        e("E57", "Hasher", "Measuring the image failed.", "Check that the image file is readable."),
+        e("E58", "EnclaveNaming", "No single enclave matches the given name.",
+          "Use describe-enclaves to find the exact name or use --enclave-id."),
+        e("E59", "EIFSignatureChecker", "The image's signature or signing certificate is not valid.",
+          "Re-sign the image with a valid certificate (sign-eif) or check the certificate's validity period."),
+        e("E60", "EIFSigning", "The image could not be signed.",
+          "Check the signing certificate and private key named in the message."),
+        # ---- enclavekit's own codes (E61–E69: images and archives) ----
+        e("E61", "EifValidation", "The EIF is readable but breaks a rule a strict reader enforces "
+          "(the QEMU/hypervisor rules: version, flags, section table, CRC).",
+          "Rebuild the image with build-enclave; do not run images that fail strict validation."),
+        e("E62", "UnsafeArchiveEntry", "An image layer or archive holds an entry that would escape the root "
+          "filesystem (`..`, an absolute path, or a link pointing outside).",
+          "Rebuild the container image without such entries; nothing was extracted or written."),
+        e("E63", "ImageSource", "The image source could not be read: unknown transport prefix, missing "
+          "manifest or config, or a missing command.",
+          "Use docker-archive:PATH, oci-archive:PATH, oci:DIR or dir:DIR; for dir: give --cmd."),
+        e("E64", "SigningCertificate", "The signing certificate is not a PEM X.509 certificate, or does not "
+          "match the private key.", "Give the PEM certificate whose public key matches the private key."),
+        e("E65", "SigningKey", "The private key is not a PEM EC key on P-256, P-384 or P-521.",
+          "Create one with `openssl ecparam -name secp384r1 -genkey -noout -out key.pem`."),
+        e("E66", "DetachedSignature", "A signature made elsewhere does not verify against the exported "
+          "payload and the signing certificate.",
+          "Sign exactly the bytes written by `sign-eif --export-payload` with the certificate's key."),
+        e("E67", "CBORFormat", "Bytes that should be CBOR are malformed (truncated, trailing bytes, duplicate "
+          "keys, wrong types).", "The data is corrupt or was not produced by a compatible tool."),
+        # ---- E70–E79: attestation and the NSM ----
+        e("E70", "AttestationFormat", "The attestation document is not well formed.",
+          "Check that the file holds the raw COSE_Sign1 bytes (not base64 or hex)."),
+        e("E71", "AttestationVerification", "The attestation document is well formed but not trustworthy: its "
+          "signature, certificate chain or a field rule failed (the message names the rule).",
+          "Check the trust roots (--root, --aws-root, --local-root) and the time (--at)."),
+        e("E72", "AttestationPolicy", "The attestation document is authentic but does not meet the policy "
+          "(PCRs, nonce, age, debug mode).", "Compare the document (attestation describe) with the policy."),
+        e("E73", "NSMRequest", "The NSM refused a request (its wire error code is in the message).",
+          "See the NSM API: e.g. ReadOnlyIndex for locked PCRs, InvalidIndex for indices ≥ 32."),
+        e("E74", "NSMTransport", "The NSM could not be reached.",
+          "Inside an enclave, check /dev/nsm or the NSM socket; outside one, there is no NSM."),
+        e("E75", "LocalPKI", "The local attestation PKI in the state directory is missing or damaged.",
+          "Check ENCLAVEKIT_HOME; remove the broken pki/ directory to create a new one."),
+    ]
+
+
+CATALOGUE: dict[str, ErrorCode] = {entry.code: entry for entry in _entries()}
+
+
+def lookup(code: str) -> ErrorCode | None:
+    """The catalogue entry for ``code`` (``E35`` or ``35``), or None."""
+    code = code.strip().upper()
+    if code.isdigit():
+        code = f"E{int(code):02d}"
+    return CATALOGUE.get(code)
+
+
+class EnclaveKitError(Exception):
+    """Root of every error enclavekit reports to a user.
+
+    Subclasses set ``code``; an instance may override it (``code="E22"``) for nitro-cli codes that share a family.
+    ``hint`` is an optional extra sentence on what to do; ``details`` are short key/value diagnostics.
+    """
+
+    code: ClassVar[str] = "E00"
+
+    def __init__(self, message: str, *, code: str | None = None, hint: str | None = None,
+                 details: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            if code not in CATALOGUE:
+                raise ValueError(f"unknown error code {code}")
+            self.code = code  # type: ignore[misc]
+        self.hint = hint
+        self.details = dict(details or {})
+
+    @property
+    def entry(self) -> ErrorCode:
+        return CATALOGUE[self.code]
+
+    @property
+    def exit_status(self) -> int:
+        return self.entry.exit_status
+
+    def diagnostics(self) -> str:
+        """The text a person reads: ``[ EXX ] message`` plus details and what to do."""
+        lines = [f"[ {self.code} ] {self.message}"]
+        for key, value in self.details.items():
+            lines.append(f"  {key}: {value}")
+        lines.append(f"  hint: {self.hint or self.entry.action}")
+        lines.append(f"  (enclavekit explain --error-code {self.code})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(EnclaveKitError):
+    code = "E03"
+
+
+class FileOperationError(EnclaveKitError):
+    code = "E19"
+
+
+class FormatError(EnclaveKitError):
+    """Untrusted bytes did not parse."""
+
+    code = "E35"
+
+
+class CBORError(FormatError):
+    code = "E67"
+
+
+class EIFFormatError(FormatError):
+    code = "E35"
+
+
+class EIFValidationError(FormatError):
+    """A strict-mode rule failed; ``rule`` names it."""
+
+    code = "E61"
+
+    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.rule = rule
+
+
+class ArchiveError(FormatError):
+    code = "E63"
+
+
+class UnsafeArchiveEntry(ArchiveError):
+    code = "E62"
+
+
+class ImageError(EnclaveKitError):
+    code = "E48"
+
+
+class ImageSourceError(ImageError):
+    code = "E63"
+
+
+class ImageBuildError(ImageError):
+    code = "E48"
+
+
+class SigningError(ImageError):
+    code = "E60"
+
+
+class SigningCertificateError(SigningError):
+    code = "E64"
+
+
+class SigningKeyError(SigningError):
+    code = "E65"
+
+
+class VerificationError(EnclaveKitError):
+    """Well formed, but not trustworthy.  ``rule`` names the rule that failed."""
+
+    code = "E71"
+
+    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.rule = rule
+
+
+class NSMError(EnclaveKitError):
+    """An NSM wire error; ``error_code`` is the wire name (``InvalidIndex``, …)."""
+
+    code = "E73"
+
+    def __init__(self, error_code: str, message: str | None = None, **kwargs: object) -> None:
+        super().__init__(message or f"NSM returned {error_code}", **kwargs)  # type: ignore[arg-type]
+        self.error_code = error_code

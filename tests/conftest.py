@@ -1,0 +1,36 @@
+"""Shared test configuration.
+
+``SHARED`` is the read-only ``../shared`` directory beside the repository (specs and real-world fixtures).
+Unit tests under ``tests/unit`` run with the network cut off: any attempt to open an AF_INET/AF_INET6 socket
+fails the test (habit 7: prove offline tests are offline).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _offline_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    path = Path(str(request.node.fspath))
+    if "unit" in path.parts or "property" in path.parts:
+        real_socket = socket.socket
+
+        class GuardedSocket(real_socket):  # type: ignore[misc,valid-type]
+            def __init__(self, family: int = socket.AF_INET, *args: object, **kwargs: object) -> None:
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    raise AssertionError("unit tests must not use the network (AF_INET/AF_INET6 socket opened)")
+                if family == getattr(socket, "AF_VSOCK", -1):
+                    raise AssertionError("AF_VSOCK must never be used on this machine")
+                super().__init__(family, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket, "socket", GuardedSocket)
+    yield
