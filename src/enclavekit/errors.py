@@ -41,8 +41,19 @@ __all__ = [
     "SigningError",
     "SigningCertificateError",
     "SigningKeyError",
+    "DetachedSignatureError",
+    "EIFSignatureError",
     "VerificationError",
     "NSMError",
+    "NSMTransportError",
+    "AttestationFormatError",
+    "AttestationPolicyError",
+    "LocalPKIError",
+    "TransportError",
+    "VsockTimeout",
+    "VsockConnectionRefused",
+    "VsockHandshakeError",
+    "AllowlistError",
 ]
 
 
@@ -187,6 +198,14 @@ def _entries() -> list[ErrorCode]:
           "Inside an enclave, check /dev/nsm or the NSM socket; outside one, there is no NSM."),
         e("E75", "LocalPKI", "The local attestation PKI in the state directory is missing or damaged.",
           "Check ENCLAVEKIT_HOME; remove the broken pki/ directory to create a new one."),
+        # ---- E76–E79: vsock channels and vsock-proxy ----
+        e("E76", "VsockConnectionRefused", "Nobody listens on the vsock address (CID, port), or the address is "
+          "not reachable from this side (an enclave reaches only the parent, CID 3).",
+          "Start the listener first; check the CID (describe-enclaves) and the port."),
+        e("E77", "VsockHandshake", "The peer of an emulated vsock channel broke the CONNECT/OK handshake.",
+          "Both ends must be enclavekit's vsock emulation (or speak `CONNECT <port>\\n` / `OK <port>\\n`)."),
+        e("E78", "VsockProxyAllowlist", "The vsock-proxy allow-list is missing or malformed, or the destination "
+          "is not on it.", "Add `{address: HOST, port: PORT}` under `allowlist:` in the --config file."),
     ]
 
 
@@ -306,6 +325,12 @@ class SigningKeyError(SigningError):
     code = "E65"
 
 
+class DetachedSignatureError(SigningError):
+    """A signature made elsewhere (``sign-eif --signature``) does not verify."""
+
+    code = "E66"
+
+
 class VerificationError(EnclaveKitError):
     """Well formed, but not trustworthy.  ``rule`` names the rule that failed."""
 
@@ -316,6 +341,13 @@ class VerificationError(EnclaveKitError):
         self.rule = rule
 
 
+class EIFSignatureError(VerificationError):
+    """nitro-cli's EIFSignatureChecker failure: the EIF's signature or certificate is not valid; ``rule`` names
+    the check that failed."""
+
+    code = "E59"
+
+
 class NSMError(EnclaveKitError):
     """An NSM wire error; ``error_code`` is the wire name (``InvalidIndex``, …)."""
 
@@ -324,3 +356,67 @@ class NSMError(EnclaveKitError):
     def __init__(self, error_code: str, message: str | None = None, **kwargs: object) -> None:
         super().__init__(message or f"NSM returned {error_code}", **kwargs)  # type: ignore[arg-type]
         self.error_code = error_code
+
+
+class NSMTransportError(EnclaveKitError):
+    """The NSM could not be reached (no /dev/nsm, no NSM socket, a broken or timed-out connection)."""
+
+    code = "E74"
+
+
+class AttestationFormatError(FormatError):
+    """An attestation document did not parse or breaks a field rule of its format; ``rule`` names the rule."""
+
+    code = "E70"
+
+    def __init__(self, message: str, *, rule: str = "format", **kwargs: object) -> None:
+        details = dict(kwargs.pop("details", None) or {})  # type: ignore[call-overload]
+        details.setdefault("rule", rule)
+        super().__init__(message, details=details, **kwargs)  # type: ignore[arg-type]
+        self.rule = rule
+
+
+class AttestationPolicyError(VerificationError):
+    """An authentic attestation document that does not meet the caller's policy; ``rule`` names the check."""
+
+    code = "E72"
+
+
+class LocalPKIError(EnclaveKitError):
+    """The local attestation PKI in the state directory is missing or damaged."""
+
+    code = "E75"
+
+
+class TransportError(EnclaveKitError):
+    """A vsock channel (emulated or real) failed: socket errors, refusals, timeouts, handshakes."""
+
+    code = "E11"
+
+
+class VsockTimeout(TransportError):
+    code = "E10"
+
+
+class VsockConnectionRefused(TransportError):
+    code = "E76"
+
+
+class VsockHandshakeError(TransportError):
+    """The CONNECT/OK handshake of an emulated channel failed; ``rule`` names what was wrong."""
+
+    code = "E77"
+
+    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.rule = rule
+
+
+class AllowlistError(ConfigError):
+    """The vsock-proxy allow-list is malformed, or the destination is not on it; ``rule`` names the check."""
+
+    code = "E78"
+
+    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.rule = rule
