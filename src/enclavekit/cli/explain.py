@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(markdown_table())
         return 0
     if args.list:
-        for entry in CATALOGUE.values():
-            print(f"{entry.code}  {entry.name:<34} {entry.meaning}")
+        for item in CATALOGUE.values():
+            print(f"{item.code}  {item.name:<34} {item.meaning}")
         return 0
     entry = lookup(args.error_code)
     if entry is None:

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "enclavekit.cli.eif_diff",
     "enclavekit.cli.explain",
     "enclavekit.cli.attestation",
+    "enclavekit.cli.vsock_proxy",
 ]
 
 
