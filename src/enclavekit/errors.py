@@ -54,6 +54,12 @@ __all__ = [
     "VsockConnectionRefused",
     "VsockHandshakeError",
     "AllowlistError",
+    "EnclaveRuntimeError",
+    "AllocatorError",
+    "SandboxError",
+    "SandboxBootError",
+    "CgroupError",
+    "SeccompError",
 ]
 
 
@@ -198,7 +204,7 @@ def _entries() -> list[ErrorCode]:
           "Inside an enclave, check /dev/nsm or the NSM socket; outside one, there is no NSM."),
         e("E75", "LocalPKI", "The local attestation PKI in the state directory is missing or damaged.",
           "Check ENCLAVEKIT_HOME; remove the broken pki/ directory to create a new one."),
-        # ---- E76–E79: vsock channels and vsock-proxy ----
+        # ---- E76-E79: vsock channels and vsock-proxy ----
         e("E76", "VsockConnectionRefused", "Nobody listens on the vsock address (CID, port), or the address is "
           "not reachable from this side (an enclave reaches only the parent, CID 3).",
           "Start the listener first; check the CID (describe-enclaves) and the port."),
@@ -206,6 +212,16 @@ def _entries() -> list[ErrorCode]:
           "Both ends must be enclavekit's vsock emulation (or speak `CONNECT <port>\\n` / `OK <port>\\n`)."),
         e("E78", "VsockProxyAllowlist", "The vsock-proxy allow-list is missing or malformed, or the destination "
           "is not on it.", "Add `{address: HOST, port: PORT}` under `allowlist:` in the --config file."),
+        # ---- E80–E89: the enclave runtime (sandbox, cgroups, seccomp, resource ledger) ----
+        e("E80", "EnclaveRuntime", "The enclave sandbox could not be set up (namespaces, mounts, root filesystem).",
+          "Run as root on Linux with user, PID, mount and network namespaces enabled; read the message."),
+        e("E81", "Cgroup", "A control group for the enclave could not be created, limited, joined or removed.",
+          "Check that the memory, pids and cpuset controllers are available to this process (cgroup v1 or v2; on "
+          "v2 the process's own cgroup must be delegated)."),
+        e("E82", "Seccomp", "The enclave's system-call filter could not be built or installed.",
+          "Check that the kernel supports seccomp filters (CONFIG_SECCOMP_FILTER) for this architecture."),
+        e("E83", "ResourceLedger", "The enclave resource ledger (allocations.json in the state directory) is "
+          "damaged.", "Terminate all enclaves, then remove allocations.json from the state directory."),
     ]
 
 
@@ -420,3 +436,33 @@ class AllowlistError(ConfigError):
     def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.rule = rule
+
+
+class EnclaveRuntimeError(EnclaveKitError):
+    """The enclave runtime failed: sandbox set-up, cgroups, seccomp, resources."""
+
+    code = "E80"
+
+
+class AllocatorError(EnclaveRuntimeError):
+    """A resource request cannot be met; carries nitro-cli's code (E20–E27) or E83 for a damaged ledger."""
+
+    code = "E83"
+
+
+class SandboxError(EnclaveRuntimeError):
+    code = "E80"
+
+
+class SandboxBootError(SandboxError):
+    """The sandboxed application did not start (nitro-cli's EnclaveBootFailure)."""
+
+    code = "E36"
+
+
+class CgroupError(EnclaveRuntimeError):
+    code = "E81"
+
+
+class SeccompError(EnclaveRuntimeError):
+    code = "E82"

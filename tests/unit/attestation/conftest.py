@@ -1,0 +1,3 @@
+from attestation_helpers import pki
+
+__all__ = ["pki"]
