@@ -160,7 +160,7 @@ _BREAK = object()
 
 
 class _Decoder:
-    __slots__ = ("data", "pos", "max_depth", "indefinite_maps")
+    __slots__ = ("data", "indefinite_maps", "max_depth", "pos")
 
     def __init__(self, data: bytes, max_depth: int) -> None:
         self.data = data
