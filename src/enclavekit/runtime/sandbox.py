@@ -1,0 +1,336 @@
+"""The enclave sandbox: an application in new namespaces, on a memory-only root, inside a cgroup, under seccomp.
+
+``Sandbox.start(spec)`` creates the cgroup (memory, pids, cpuset limits), starts the launcher
+(``python -m enclavekit.runtime._sandbox_init``) inside it, answers its set-up steps (uid/gid maps, filling the
+tmpfs root through ``/proc/PID/root``), and returns a :class:`SandboxProcess` once the application has been
+exec'd.  The application's stdout and stderr are one pipe, :attr:`SandboxProcess.console`.
+
+User namespace and ids (a documented choice, see docs/sandbox.md): the sandbox gets a NEW user namespace whose map
+is the identity (inside uid/gid N = outside N).  Capabilities held inside are capabilities over the sandbox's own
+namespaces only: the application cannot load modules, mount host filesystems, change the host's network or
+clock.  But inside root *is* uid 0 for ownership checks on any host object it can reach, and the only host objects
+it can reach are the bind-mounted channel sockets and the device nodes null, zero, random, urandom and full.  An
+unprivileged map would also make those owner checks fail; it needs the root filesystem to be written by an id
+mapped inside, and is left for later.
+
+Termination kills PID 1 from outside, which makes the kernel kill every process of the PID namespace; then the
+cgroup is emptied and removed and the stage directory is deleted.  Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from enclavekit.errors import EnclaveKitError, SandboxBootError, SandboxError
+from enclavekit.runtime.cgroups import Cgroup, CgroupLayout, create_cgroup
+from enclavekit.runtime.seccomp import SeccompFilter, sandbox_filter
+
+__all__ = ["SandboxSpec", "Sandbox", "SandboxProcess", "DEFAULT_PIDS_MAX"]
+
+DEFAULT_PIDS_MAX = 1024
+MIB = 1024 * 1024
+_ID_MAP = "0 0 4294967295\n"  # identity map of every id (see the module docstring)
+_START_TIMEOUT = 30.0
+
+
+def _canonical_inside(path: str) -> str:
+    parts = [p for p in path.split("/") if p]
+    if not path.startswith("/") or any(p in (".", "..") for p in parts):
+        raise ValueError(f"a path inside the sandbox must be absolute and canonical, got {path!r}")
+    return "/" + "/".join(parts)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What to run and with which limits.
+
+    ``rootfs`` fills the tmpfs root: a directory whose contents are copied, or a callable given the root's path
+    (as seen from the host).  ``sockets`` maps host socket paths to paths inside; they are the only host paths
+    visible.  ``tmpfs_size_mib`` defaults to half of ``memory_mib``.  ``seccomp`` defaults to
+    :func:`~enclavekit.runtime.seccomp.sandbox_filter`.
+    """
+
+    argv: tuple[str, ...]
+    rootfs: Path | Callable[[Path], None]
+    memory_mib: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    uid: int = 0
+    gid: int = 0
+    cpu_ids: tuple[int, ...] | None = None
+    pids_max: int = DEFAULT_PIDS_MAX
+    tmpfs_size_mib: int | None = None
+    sockets: Mapping[str, str] = field(default_factory=dict)
+    hostname: str = "enclave"
+    seccomp: SeccompFilter | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
+            raise ValueError("argv must be a non-empty sequence of strings without NUL")
+        if type(self.memory_mib) is not int or self.memory_mib <= 0:
+            raise ValueError("memory_mib must be a positive int")
+        if type(self.pids_max) is not int or self.pids_max < 4:
+            raise ValueError("pids_max must be an int >= 4 (launcher, PID 1, the application, one more)")
+        if self.tmpfs_size_mib is not None and (type(self.tmpfs_size_mib) is not int or self.tmpfs_size_mib <= 0):
+            raise ValueError("tmpfs_size_mib must be a positive int")
+        if not all(0 <= v < 65536 for v in (self.uid, self.gid)):
+            raise ValueError("uid and gid must be in 0..65535")
+        _canonical_inside(self.workdir)
+        for host, inside in self.sockets.items():
+            if not os.path.isabs(host):
+                raise ValueError(f"socket host path must be absolute: {host!r}")
+            _canonical_inside(inside)
+        if not isinstance(self.rootfs, Path) and not callable(self.rootfs):
+            raise TypeError("rootfs must be a Path or a callable(root: Path)")
+        if not self.hostname or len(self.hostname) > 64:
+            raise ValueError("hostname must be 1..64 characters")
+
+
+class SandboxProcess:
+    """A running sandbox.  Use as a context manager, or call :meth:`close` when done (it kills what is left)."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], cgroup: Cgroup, stage: Path) -> None:
+        self.name = name
+        self.cgroup = cgroup
+        self.stage = stage
+        self.init_pid: int | None = None  # host PID of the sandbox's PID 1
+        self._proc = proc
+        self._init_fd: int | None = None
+        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        """Host PID of the launcher (the parent of PID 1)."""
+        return self._proc.pid
+
+    @property
+    def console(self) -> IO[bytes]:
+        """The application's stdout and stderr.  Read it, or a chatty application blocks on a full pipe."""
+        assert self._proc.stdout is not None
+        return self._proc.stdout
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll()
+
+    def _attach_init(self, pid: int) -> None:
+        # Hold a pidfd so a signal can never reach a recycled PID; check that it is our launcher's child.
+        fd = os.pidfd_open(pid)
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            ppid = -1
+        if ppid != self._proc.pid:
+            os.close(fd)
+            return
+        self.init_pid, self._init_fd = pid, fd
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the sandbox to end; the application's exit status (128 + N when killed by signal N)."""
+        return self._proc.wait(timeout)
+
+    def send_signal(self, signum: int) -> None:
+        """Signal PID 1; it forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the application."""
+        if self._init_fd is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._init_fd, signum)
+
+    def kill(self) -> None:
+        """SIGKILL PID 1, which kills the whole PID namespace, then the launcher."""
+        self.send_signal(signal.SIGKILL)
+        if self._proc.poll() is None:
+            try:
+                self._proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def terminate(self, grace: float = 5.0) -> int:
+        """SIGTERM the application (through PID 1), SIGKILL the namespace after ``grace`` seconds."""
+        self.send_signal(signal.SIGTERM)
+        try:
+            return self._proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self._proc.wait()
+
+    def oom_killed(self) -> bool:
+        """True when the kernel's OOM killer killed a process of this sandbox (ask before :meth:`close`)."""
+        return self.cgroup.oom_kills() > 0
+
+    def close(self) -> None:
+        """Kill whatever still runs, remove the cgroup and the stage directory.  Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.kill()
+            self.cgroup.destroy()
+        finally:
+            if self._init_fd is not None:
+                os.close(self._init_fd)
+                self._init_fd = None
+            with contextlib.suppress(OSError):
+                self.stage.rmdir()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._closed = True
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sandbox:
+    """Starts sandboxes.  ``cgroup_layout`` and ``stage_parent`` are for tests and unusual hosts."""
+
+    @classmethod
+    def start(cls, spec: SandboxSpec, *, cgroup_layout: CgroupLayout | None = None,
+              stage_parent: Path | None = None, timeout: float = _START_TIMEOUT) -> SandboxProcess:
+        if os.geteuid() != 0:
+            raise SandboxError("the sandbox needs root (namespaces, cgroups, mounts)")
+        for host in spec.sockets:
+            try:
+                mode = os.stat(host).st_mode
+            except OSError as exc:
+                raise SandboxError(f"channel socket {host}: {exc.strerror}") from exc
+            if not stat.S_ISSOCK(mode):
+                raise SandboxError(f"channel {host} is not a Unix socket; only sockets may be shared")
+        name = spec.name or f"enclavekit-{secrets.token_hex(6)}"
+        flt = spec.seccomp or sandbox_filter()
+        program = flt.compile()
+        cgroup = create_cgroup(name, layout=cgroup_layout)
+        stage: Path | None = None
+        proc: subprocess.Popen[bytes] | None = None
+        sandbox: SandboxProcess | None = None
+        fds: list[int] = []
+        try:
+            limit = spec.memory_mib * MIB
+            cgroup.set_memory_limit(limit)
+            cgroup.set_pids_max(spec.pids_max)
+            if spec.cpu_ids:
+                cgroup.set_cpus(spec.cpu_ids)
+            stage = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=stage_parent))
+            ctl_r, ctl_w = os.pipe()
+            status_r, status_w = os.pipe()
+            fds = [ctl_r, ctl_w, status_r, status_w]
+            env = {"PATH": os.environ.get("PATH", os.defpath)}
+            if "PYTHONPATH" in os.environ:
+                env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "enclavekit.runtime._sandbox_init", str(ctl_r), str(status_w)],
+                pass_fds=(ctl_r, status_w), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
+            os.close(ctl_r)
+            os.close(status_w)
+            fds = [ctl_w, status_r]
+            sandbox = SandboxProcess(name, proc, cgroup, stage)
+            cgroup.add_pid(proc.pid)
+            tmpfs = (spec.tmpfs_size_mib or max(1, spec.memory_mib // 2)) * MIB
+            doc = {
+                "parent_pid": os.getpid(), "stage": str(stage), "tmpfs_size": tmpfs, "hostname": spec.hostname,
+                "sockets": [[h, _canonical_inside(i)] for h, i in spec.sockets.items()],
+                "argv": list(spec.argv), "env": dict(spec.env), "workdir": _canonical_inside(spec.workdir),
+                "uid": spec.uid, "gid": spec.gid, "cpu_ids": list(spec.cpu_ids or ()),
+                "seccomp": program.hex(), "seccomp_flags": flt.flags,
+            }
+            _converse(sandbox, spec, doc, ctl_w, status_r, deadline=time.monotonic() + timeout)
+            return sandbox
+        except BaseException:
+            if sandbox is not None:
+                sandbox.close()
+            else:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+                with contextlib.suppress(EnclaveKitError):
+                    cgroup.destroy()
+                if stage is not None:
+                    with contextlib.suppress(OSError):
+                        stage.rmdir()
+            raise
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _converse(sandbox: SandboxProcess, spec: SandboxSpec, doc: dict[str, Any], ctl_w: int, status_r: int, *,
+              deadline: float) -> None:
+    """Drive the launcher's set-up steps (see ``_sandbox_init``) until the application runs."""
+    os.write(ctl_w, json.dumps(doc).encode() + b"\n")
+    buf = b""
+    running = False
+    while not (running and sandbox.init_pid is not None):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SandboxError("the sandbox did not start in time")
+        ready, _, _ = select.select([status_r], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(status_r, 65536)
+        if not chunk:
+            raise SandboxBootError("the sandbox launcher exited during set-up", details=_console_tail(sandbox))
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            stage = msg.get("stage")
+            if stage == "unshared":
+                for kind in ("uid_map", "gid_map"):
+                    Path(f"/proc/{sandbox.pid}/{kind}").write_text(_ID_MAP, encoding="ascii")
+                os.write(ctl_w, b"go\n")
+            elif stage == "mounted":
+                root = Path(f"/proc/{sandbox.pid}/root") / str(sandbox.stage).lstrip("/")
+                _populate(root, spec.rootfs)
+                os.write(ctl_w, b"go\n")
+            elif stage == "pid1":
+                sandbox._attach_init(int(msg["pid"]))
+                if sandbox.init_pid is None:
+                    raise SandboxBootError("the sandbox's PID 1 exited during set-up", details=_console_tail(sandbox))
+            elif stage == "running":
+                running = True
+            elif stage == "error":
+                cls = SandboxBootError if msg.get("boot") else SandboxError
+                raise cls(f"sandbox set-up failed: {msg.get('error', '?')}", details=_console_tail(sandbox))
+
+
+def _populate(root: Path, source: Path | Callable[[Path], None]) -> None:
+    if isinstance(source, Path):
+        try:
+            shutil.copytree(source, root, symlinks=True, dirs_exist_ok=True)
+        except (OSError, shutil.Error) as exc:
+            raise SandboxError(f"cannot copy the root filesystem from {source}: {exc}") from exc
+    else:
+        source(root)
+
+
+def _console_tail(sandbox: SandboxProcess, limit: int = 4096) -> dict[str, str]:
+    """The last console bytes available right now (for boot-failure messages), without blocking."""
+    fd = sandbox.console.fileno()
+    data = b""
+    with contextlib.suppress(OSError):
+        while select.select([fd], [], [], 0.05)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data = (data + chunk)[-limit:]
+    text = data.decode(errors="replace").strip()
+    return {"console": text[-1000:]} if text else {}

@@ -1,0 +1,384 @@
+"""The isolation battery (issue 4, Tests): probes run INSIDE a sandbox and try what an enclave must not do.
+
+The probe is a static C program compiled here with ``gcc -static`` (glibc), copied into the sandbox's tmpfs root:
+no host path is visible inside, so no host interpreter can run there.  Every test closes its sandbox in a
+``finally`` (the ``run_probe`` fixture) and the module checks that no cgroup, mount or process is left behind.
+These tests need root; without it they FAIL with a message (never skip).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from enclavekit.errors import SandboxBootError
+from enclavekit.runtime.cgroups import current_layout
+from enclavekit.runtime.sandbox import Sandbox, SandboxProcess, SandboxSpec
+
+pytestmark = pytest.mark.integration
+
+EAFNOSUPPORT = 97
+EPERM = 1
+EAGAIN = 11
+ENOENT = 2
+ECONNREFUSED = 111
+EROFS = 30
+
+PROBE_C = r"""
+/* Probe run INSIDE the enclave sandbox by tests/integration/test_sandbox.py (compiled there with gcc -static).
+ * Each mode tries one thing the sandbox must refuse (or allow) and prints one result line. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+static int try_socket(int family, int type) {
+    int s = socket(family, type, 0);
+    if (s < 0) { printf("socket family=%d refused errno=%d\n", family, errno); return 0; }
+    /* Got a socket: report what it really is, close it, and never connect with it. */
+    int dom = -1; socklen_t len = sizeof dom;
+    getsockopt(s, SOL_SOCKET, SO_DOMAIN, &dom, &len);
+    printf("socket family=%d CREATED domain=%d\n", family, dom);
+    close(s);
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    if (argc < 2) return 2;
+    const char *m = argv[1];
+    if (!strcmp(m, "tcp")) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0) { printf("tcp socket refused errno=%d\n", errno); return 0; }
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+        inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+        if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
+            printf("tcp connect failed errno=%d\n", errno);
+            return 0;
+        }
+        printf("tcp CONNECTED\n");
+        return 1;
+    }
+    if (!strcmp(m, "vsock")) return try_socket(40, SOCK_STREAM);
+    if (!strcmp(m, "netlink")) return try_socket(16, SOCK_RAW);
+    if (!strcmp(m, "packet")) return try_socket(17, SOCK_RAW);
+    if (!strcmp(m, "open")) {
+        FILE *f = fopen(argv[2], "r");
+        if (!f) { printf("open %s failed errno=%d\n", argv[2], errno); return 0; }
+        char buf[256] = {0}; fgets(buf, sizeof buf, f);
+        printf("open %s OK: %s\n", argv[2], buf);
+        return 1;
+    }
+    if (!strcmp(m, "ls")) {
+        DIR *d = opendir(argv[2]);
+        if (!d) { printf("ls failed errno=%d\n", errno); return 1; }
+        struct dirent *e; printf("entries:");
+        while ((e = readdir(d))) if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) printf(" %s", e->d_name);
+        printf("\n");
+        return 0;
+    }
+    if (!strcmp(m, "cat")) {
+        FILE *f = fopen(argv[2], "r"); char buf[512];
+        if (!f) { printf("cat failed errno=%d\n", errno); return 1; }
+        while (fgets(buf, sizeof buf, f)) fputs(buf, stdout);
+        return 0;
+    }
+    if (!strcmp(m, "oom")) {
+        long mib = atol(argv[2]);
+        for (long i = 0; i < mib; i++) {
+            char *p = malloc(1 << 20);
+            if (!p) { printf("malloc failed at %ld MiB\n", i); return 0; }
+            memset(p, 0x5a, 1 << 20);
+            if (i % 16 == 0) printf("allocated %ld MiB\n", i);
+        }
+        printf("allocated everything: NOT LIMITED\n");
+        return 1;
+    }
+    if (!strcmp(m, "forkbomb")) {
+        int n = 0;
+        for (;;) {
+            pid_t p = fork();
+            if (p == 0) { pause(); _exit(0); }
+            if (p < 0) { printf("fork failed errno=%d after %d children\n", errno, n); return 0; }
+            if (++n > 100000) { printf("fork NOT LIMITED\n"); return 1; }
+        }
+    }
+    if (!strcmp(m, "ptrace")) {
+        if (ptrace(PTRACE_ATTACH, 1, 0, 0) < 0) { printf("ptrace refused errno=%d\n", errno); return 0; }
+        printf("ptrace ALLOWED\n"); return 1;
+    }
+    if (!strcmp(m, "mount")) {
+        if (mount("none", "/tmp", "tmpfs", 0, NULL) < 0) { printf("mount refused errno=%d\n", errno); return 0; }
+        printf("mount ALLOWED\n"); return 1;
+    }
+    if (!strcmp(m, "unshare")) {
+        if (unshare(CLONE_NEWNS) < 0) { printf("unshare refused errno=%d\n", errno); return 0; }
+        printf("unshare ALLOWED\n"); return 1;
+    }
+    if (!strcmp(m, "unix")) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        strncpy(a.sun_path, argv[2], sizeof a.sun_path - 1);
+        if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
+            printf("unix connect failed errno=%d\n", errno);
+            return 1;
+        }
+        write(s, "ping from enclave\n", 18);
+        printf("unix sent\n");
+        return 0;
+    }
+    if (!strcmp(m, "openw")) {  /* open for writing, never write */
+        int fd = open(argv[2], O_WRONLY);
+        if (fd < 0) { printf("openw %s refused errno=%d\n", argv[2], errno); return 0; }
+        close(fd);
+        printf("openw %s ALLOWED\n", argv[2]);
+        return 1;
+    }
+    if (!strcmp(m, "chmod")) {  /* chmod to the current mode: a no-op if it were allowed */
+        struct stat st;
+        if (stat(argv[2], &st) < 0) { printf("stat failed errno=%d\n", errno); return 1; }
+        if (chmod(argv[2], st.st_mode & 07777) < 0) { printf("chmod refused errno=%d\n", errno); return 0; }
+        printf("chmod ALLOWED\n");
+        return 1;
+    }
+    if (!strcmp(m, "devnull")) {
+        int fd = open("/dev/null", O_WRONLY);
+        if (fd < 0 || write(fd, "x", 1) != 1) { printf("devnull failed errno=%d\n", errno); return 1; }
+        printf("devnull ok\n");
+        return 0;
+    }
+    if (!strcmp(m, "sleep")) { printf("ready\n"); for (;;) pause(); }
+    if (!strcmp(m, "exit")) return atoi(argv[2]);
+    return 2;
+}
+"""
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the sandbox battery needs root (user/PID/mount/net namespaces, cgroups); run it as root")
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _require_root()
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail("gcc is needed to build the static probe program (apt-get install gcc libc6-dev)")
+    work = tmp_path_factory.mktemp("probe")
+    (work / "probe.c").write_text(PROBE_C)
+    subprocess.run([gcc, "-static", "-O1", "-o", str(work / "probe"), str(work / "probe.c")], check=True,
+                   capture_output=True)
+    return work / "probe"
+
+
+def _own_cgroup_dirs() -> list[Path]:
+    layout = current_layout()
+    return sorted(set(layout.own_dirs.values()))
+
+
+def _leftovers(name: str) -> list[str]:
+    found = [str(d / name) for d in _own_cgroup_dirs() if (d / name).exists()]
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if name in mounts:
+        found.append(f"mount containing {name}")
+    return found
+
+
+@pytest.fixture
+def run_probe(probe: Path) -> Iterator[Callable[..., tuple[int, str, SandboxProcess]]]:
+    started: list[SandboxProcess] = []
+
+    def run(*args: str, memory_mib: int = 128, pids_max: int = 64, timeout: float = 60,
+            sockets: dict[str, str] | None = None, wait: bool = True) -> tuple[int, str, SandboxProcess]:
+        def fill(root: Path) -> None:
+            (root / "bin").mkdir()
+            shutil.copy(probe, root / "bin" / "probe")
+
+        sp = Sandbox.start(SandboxSpec(argv=("/bin/probe", *args), rootfs=fill, memory_mib=memory_mib,
+                                       pids_max=pids_max, env={"PATH": "/bin"}, sockets=sockets or {}))
+        started.append(sp)
+        if not wait:
+            return -1, "", sp
+        out = sp.console.read().decode(errors="replace")  # EOF when every process in the sandbox is gone
+        return sp.wait(timeout), out, sp
+
+    try:
+        yield run
+    finally:
+        for sp in started:
+            sp.close()
+        leaks = [leak for sp in started for leak in _leftovers(sp.name)]
+        assert not leaks, f"left behind: {leaks}"
+
+
+def test_outward_tcp_to_host_loopback_fails(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        rc, out, _ = run_probe("tcp", str(port))
+        assert rc == 0, out
+        # the sandbox's own lo has no listener: refused locally, the host's listener is unreachable
+        assert f"tcp connect failed errno={ECONNREFUSED}" in out
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+@pytest.mark.parametrize("family", ["vsock", "netlink", "packet"])
+def test_forbidden_socket_families_are_refused(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                               family: str) -> None:
+    rc, out, _ = run_probe(family)
+    assert rc == 0, out
+    assert f"refused errno={EAFNOSUPPORT}" in out
+
+
+def test_host_files_are_invisible(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                  tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("host-only-content\n")
+    for path in (str(secret), "/etc/hostname", "/work/main/pyproject.toml", "/usr/bin/python3"):
+        rc, out, _ = run_probe("open", path)
+        assert rc == 0 and f"failed errno={ENOENT}" in out, out
+    rc, out, _ = run_probe("ls", "/")
+    assert rc == 0
+    assert sorted(out.split("entries:")[1].split()) == ["bin", "dev", "proc", "tmp"]
+    rc, out, _ = run_probe("ls", "/dev")
+    assert sorted(out.split("entries:")[1].split()) == ["full", "null", "random", "urandom", "zero"]
+
+
+def test_host_processes_are_invisible(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    rc, out, _ = run_probe("ls", "/proc")
+    assert rc == 0
+    pids = sorted(int(e) for e in out.split("entries:")[1].split() if e.isdigit())
+    assert pids == [1, 2], f"only PID 1 and the probe itself may be visible, got {pids}"
+
+
+def test_only_loopback_exists(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    rc, out, _ = run_probe("cat", "/proc/net/dev")
+    assert rc == 0
+    names = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
+    assert names == ["lo"]
+
+
+def test_memory_limit_kills_only_the_enclave(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    rc, out, sp = run_probe("oom", "1024", memory_mib=64)
+    assert "NOT LIMITED" not in out
+    assert rc == 128 + signal.SIGKILL, out
+    assert sp.oom_killed()
+    # this process (the host side) is untouched and the launcher's parent is still us
+    assert os.getpid() > 0
+
+
+def test_fork_bomb_stops_at_the_pids_limit(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    rc, out, _ = run_probe("forkbomb", pids_max=16)
+    assert rc == 0, out
+    assert f"fork failed errno={EAGAIN}" in out
+    children = int(out.split(" after ")[1].split()[0])
+    assert children < 16
+
+
+@pytest.mark.parametrize("what", ["ptrace", "mount", "unshare"])
+def test_privileged_calls_are_refused(run_probe: Callable[..., tuple[int, str, SandboxProcess]], what: str) -> None:
+    rc, out, _ = run_probe(what)
+    assert rc == 0, out
+    assert f"{what} refused errno={EPERM}" in out
+
+
+@pytest.mark.parametrize("path", ["/proc/sysrq-trigger", "/proc/sys/kernel/core_pattern",
+                                  "/proc/sys/vm/drop_caches", "/proc/irq/default_smp_affinity"])
+def test_host_kernel_knobs_are_read_only(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                         path: str) -> None:
+    # The probe only opens for writing (never writes): EROFS from the read-only bind over /proc/sys etc.
+    rc, out, _ = run_probe("openw", path)
+    assert rc == 0, out
+    expected = EROFS if Path(path).exists() else ENOENT  # e.g. a kernel without CONFIG_MAGIC_SYSRQ
+    assert f"refused errno={expected}" in out
+
+
+@pytest.mark.parametrize("path", ["/dev/null", "/run/enclave/parent.sock"])
+def test_shared_host_inodes_cannot_be_changed(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                              tmp_path: Path, path: str) -> None:
+    sock_path = tmp_path / "parent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(sock_path))
+        rc, out, _ = run_probe("chmod", path, sockets={str(sock_path): "/run/enclave/parent.sock"})
+    assert rc == 0, out
+    assert f"chmod refused errno={EROFS}" in out
+
+
+def test_dev_null_is_usable(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    rc, out, _ = run_probe("devnull")
+    assert rc == 0 and "devnull ok" in out
+
+
+def test_exit_status_is_the_applications(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    rc, _, _ = run_probe("exit", "7")
+    assert rc == 7
+
+
+def test_sigterm_is_forwarded_to_the_application(
+        run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    _, _, sp = run_probe("sleep", wait=False)
+    assert sp.console.readline() == b"ready\n"
+    assert sp.terminate(grace=10) == 128 + signal.SIGTERM
+
+
+def test_kill_leaves_nothing_behind(run_probe: Callable[..., tuple[int, str, SandboxProcess]]) -> None:
+    _, _, sp = run_probe("forkbomb", pids_max=12, wait=False)
+    assert sp.console.readline().startswith(b"fork failed")  # the children are still alive (paused)
+    pids = sp.cgroup.pids()
+    assert len(pids) >= 4
+    sp.close()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert _leftovers(sp.name) == []
+    assert not sp.stage.exists()
+
+
+def test_channel_socket_is_the_only_shared_path(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                                tmp_path: Path) -> None:
+    path = tmp_path / "parent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(30)
+        rc, out, _ = run_probe("unix", "/run/enclave/parent.sock", sockets={str(path): "/run/enclave/parent.sock"})
+        assert rc == 0, out
+        conn, _ = server.accept()
+        with conn:
+            assert conn.recv(100) == b"ping from enclave\n"
+    rc, out, _ = run_probe("open", str(tmp_path / "other-file"))
+    assert f"failed errno={ENOENT}" in out
+
+
+def test_missing_program_is_a_boot_failure(probe: Path) -> None:
+    def fill(root: Path) -> None:
+        (root / "bin").mkdir()
+
+    with pytest.raises(SandboxBootError) as info:
+        Sandbox.start(SandboxSpec(argv=("/bin/absent",), rootfs=fill, memory_mib=64, name="enclavekit-boot-test"))
+    assert info.value.code == "E36"
+    assert "/bin/absent" in str(info.value)
+    assert _leftovers("enclavekit-boot-test") == []
