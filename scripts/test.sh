@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/_env.sh
 source scripts/_env.sh
+# shellcheck source=scripts/system-deps.sh
+source scripts/system-deps.sh
+ensure_system_deps
 ensure_venv
 echo "== ruff"
 "$VENV/bin/ruff" check src tests benchmarks

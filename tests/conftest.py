@@ -34,3 +34,20 @@ def _offline_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
 
         monkeypatch.setattr(socket, "socket", GuardedSocket)
     yield
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No silent skips: a skipped test fails the run (a missing dependency must be installed, not ignored)."""
+    if _skipped and exitstatus == 0:
+        print(f"\n{len(_skipped)} test(s) were skipped; the suite does not allow skips:")
+        for nodeid in _skipped:
+            print(f"  {nodeid}")
+        session.exitstatus = 1

@@ -1,0 +1,1 @@
+"""An AWS-compatible KMS that honours Nitro attestation (``Recipient``) and key-policy PCR conditions."""
