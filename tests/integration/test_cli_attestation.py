@@ -166,3 +166,52 @@ def test_issue_from_an_eif_carries_its_measurements(tmp_path: Path) -> None:
                "--expect-pcr", f"1={measured.pcr1.hex()}", "--expect-pcr", f"2={measured.pcr2.hex()}")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["pcrs"]["8"] == "00" * 48
+
+
+def test_describe_survives_a_corrupt_certificate_without_warnings(tmp_path: Path) -> None:
+    # the issue's repro: bit 0 of byte 944 of this document is in the leaf's version field
+    data = bytearray((FIXTURES / "attestation/aws-debug-2022-10-12.cbor").read_bytes())
+    data[944] ^= 0x01
+    bad = tmp_path / "bad-version.cbor"
+    bad.write_bytes(bytes(data))
+    proc = run(tmp_path, "describe", str(bad))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no cryptography warnings either
+    assert json.loads(proc.stdout)["certificate"]["error"] == "not a parsable X.509 certificate (InvalidVersion)"
+
+
+def test_oversize_document_is_a_format_error(tmp_path: Path) -> None:
+    big = tmp_path / "big.cbor"
+    big.write_bytes(b"\x84" + b"\x00" * 20000)
+    for command in ("describe", "verify"):
+        proc = run(tmp_path, command, str(big))
+        assert proc.returncode == 70, proc.stderr
+        assert "[ E70 ]" in proc.stderr and "rule: document-size" in proc.stderr
+
+
+def _pcr4(instance_id: str) -> str:
+    return hashlib.sha384(b"\x00" * 48 + instance_id.encode()).hexdigest()
+
+
+def test_issue_pcr4_follows_the_instance_id_used(tmp_path: Path) -> None:
+    # spec 2.5: PCR4 is never zero on Nitro; it measures the instance id the module id names
+    out = tmp_path / "doc.cbor"
+    proc = run(tmp_path, "issue", "--output", str(out), "--pcr", f"0={PCR0}")
+    assert proc.returncode == 0, proc.stderr
+    module_id = json.loads(proc.stdout)["module_id"]
+    described = json.loads(run(tmp_path, "describe", str(out)).stdout)
+    assert described["pcrs"]["4"] == _pcr4(module_id.split("-enc")[0]) != "00" * 48
+    # the local PKI's instance certificate names the same instance
+    assert module_id.split("-enc")[0] + "." in described["cabundle"][3]["subject"]
+
+    proc = run(tmp_path, "issue", "--output", str(out), "--module-id", "i-0a1b2c3d-enc0000000000000001")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(run(tmp_path, "describe", str(out)).stdout)["pcrs"]["4"] == _pcr4("i-0a1b2c3d")
+
+
+@pytest.mark.parametrize("bad", ["i-XYZ", "i-0123456", "0123456789abcdef0", "i-0123456789ABCDEF0",
+                                 "i-0123456789abcdef01"])
+def test_issue_refuses_a_malformed_parent_instance_id(tmp_path: Path, bad: str) -> None:
+    proc = run(tmp_path, "issue", "--output", str(tmp_path / "x.cbor"), "--parent-instance-id", bad)
+    assert proc.returncode == 3 and "[ E03 ]" in proc.stderr
+    assert not (tmp_path / "x.cbor").exists()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from enclavekit._internal.ecdsa import sign_raw
 from enclavekit.attestation.pki import LeafCertificate, LocalPKI
 from enclavekit.formats import cbor
-from enclavekit.formats.attestation_doc import PROTECTED_ES384, AttestationDocument
+from enclavekit.formats.attestation_doc import MAX_TIMESTAMP, PROTECTED_ES384, AttestationDocument
 
 __all__ = ["DocumentIssuer", "ES384"]
 
@@ -63,12 +63,13 @@ class DocumentIssuer:
         Out-of-range inputs (a PCR of the wrong size, more than 1024 bytes of user_data, …) are ValueError: the
         NSM checks its limits before calling.  An empty ``public_key`` is written as null.
         """
-        if not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool) or timestamp_ms <= 0:
-            raise ValueError("timestamp_ms must be a positive integer")
+        if (not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool)
+                or not 0 < timestamp_ms <= MAX_TIMESTAMP):
+            raise ValueError(f"timestamp_ms must be an integer in 1..{MAX_TIMESTAMP}")
         if public_key == b"":
             # spec 3.6: a public_key is 1..1024 bytes, so h'' could never verify; an empty key means "none"
             public_key = None
-        when = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+        when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=timestamp_ms)
         leaf = self.leaf_for(module_id, when)
         document = AttestationDocument(
             module_id=module_id, timestamp=timestamp_ms, pcrs=pcrs, certificate=leaf.der,

@@ -2,9 +2,15 @@
 
 Spec nsm-attestation-kms §3.4 describes the chain real Nitro hosts use.  This module builds the same shape
 (ECDSA P-384 keys, ecdsa-with-SHA384 signatures, the same extensions, criticality, pathLen, lifetimes, subject
-layouts and the leaf serial convention) under a root of its own.  The root can never be mistaken for AWS's:
-its subject is ``C=US, O=enclavekit, OU=local, CN=enclavekit-local.nitro-enclaves`` and every name below it ends
-in ``enclavekit-local…`` instead of ``aws…`` (spec 3.9 recommends a distinct CN).
+layouts, extension order and the leaf serial convention) under a root of its own.  The root can never be mistaken
+for AWS's: its subject is ``C=US, O=enclavekit, OU=local, CN=enclavekit-local.nitro-enclaves`` and the names below
+it end in ``.<region>.eklocal.nitro-enclaves`` (CAs) and ``.<region>.eklocal`` (leaf) where AWS writes
+``.aws.nitro-enclaves`` and ``.aws`` (spec 3.9 recommends a distinct CN).  The suffixes are short enough that every
+common name fits X.520's 64 characters with any region of up to 16 characters (``ap-southeast-2``,
+``us-isof-south-1``) and a full module id (``i-<17 hex>-enc<16 hex>``, 39 characters).
+
+Extensions are written in AWS's order (observed on every fixture): root BC, SKI, KU; regional and zonal BC, AKI,
+SKI, KU, CRL DP; instance BC, KU, SKI, AKI; leaf BC, KU.
 
 | cert     | lifetime           | BasicConstraints (critical) | KeyUsage                                    |
 |----------|--------------------|-----------------------------|---------------------------------------------|
@@ -55,6 +61,8 @@ __all__ = [
     "LEAF_BACKDATE",
     "ROOT_COMMON_NAME",
     "CertificateProfile",
+    "EXTENSION_NAMES",
+    "MAX_REGION_LENGTH",
     "PROFILES",
     "IssuedCertificate",
     "CertificateChain",
@@ -75,7 +83,12 @@ _CA_BACKDATE = timedelta(seconds=60)  # intermediates start a minute before they
 _ROOT_BACKDATE = timedelta(hours=1)
 
 ROOT_COMMON_NAME = "enclavekit-local.nitro-enclaves"
-_DOMAIN = "enclavekit-local.nitro-enclaves"
+# spec 3.4: AWS's CAs are <...>.<region>.aws.nitro-enclaves and the leaf <module_id>.<region>.aws
+_DOMAIN = "eklocal.nitro-enclaves"
+_LEAF_DOMAIN = "eklocal"
+MAX_REGION_LENGTH = 16  # longest AWS region names today: 15 (us-isof-south-1); CNs fit 64 up to 16
+_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_MAX_COMMON_NAME = 64  # X.520 ub-common-name
 _ORG = "enclavekit"
 _OU = "local"
 _CRL_HOST = "http://crl.enclavekit.invalid/crl"  # .invalid (RFC 2606): never resolvable, never fetched
@@ -88,32 +101,48 @@ _LIFETIME = {"root": ROOT_LIFETIME, "regional": REGIONAL_LIFETIME, "zonal": ZONA
 _PARENT = {"regional": "root", "zonal": "regional", "instance": "zonal"}
 
 
+# extension names a profile may list, in the order the profile lists them
+EXTENSION_NAMES = frozenset({"basic_constraints", "key_usage", "subject_key_identifier",
+                             "authority_key_identifier", "crl_distribution_points"})
+
+
 @dataclass(frozen=True)
 class CertificateProfile:
-    """Extensions of one position in the chain (spec 3.4 table)."""
+    """Extensions of one position in the chain (spec 3.4 table), written in the order of ``extensions``.
+
+    ``authority_key_identifier`` is written only when the issuer has an SKI, ``crl_distribution_points`` only
+    when a CRL URL is given.
+    """
 
     ca: bool
     path_length: int | None
     key_usage: frozenset[str]
+    extensions: tuple[str, ...]
     key_usage_critical: bool = True
-    subject_key_identifier: bool = True
-    authority_key_identifier: bool = True
-    crl_distribution_point: bool = False
     serial_bytes: int = 16
+
+    def __post_init__(self) -> None:
+        unknown = set(self.extensions) - EXTENSION_NAMES
+        if unknown or len(set(self.extensions)) != len(self.extensions):
+            raise ValueError(f"profile extensions must be distinct names from {sorted(EXTENSION_NAMES)}")
 
 
 _CA_USAGE = frozenset({"digital_signature", "key_cert_sign", "crl_sign"})
+# spec 3.4, extension order as in every fixture
+_ROOT_EXTENSIONS = ("basic_constraints", "subject_key_identifier", "key_usage")
+_REGIONAL_EXTENSIONS = ("basic_constraints", "authority_key_identifier", "subject_key_identifier", "key_usage",
+                        "crl_distribution_points")
+_INSTANCE_EXTENSIONS = ("basic_constraints", "key_usage", "subject_key_identifier", "authority_key_identifier")
 PROFILES: dict[str, CertificateProfile] = {
-    "root": CertificateProfile(ca=True, path_length=None, key_usage=_CA_USAGE, authority_key_identifier=False),
-    "regional": CertificateProfile(ca=True, path_length=2, key_usage=_CA_USAGE, crl_distribution_point=True),
-    "zonal": CertificateProfile(ca=True, path_length=1, key_usage=_CA_USAGE, crl_distribution_point=True),
-    # 2025+ instance certificates carry SKI and AKI and a 20-byte serial
+    "root": CertificateProfile(ca=True, path_length=None, key_usage=_CA_USAGE, extensions=_ROOT_EXTENSIONS),
+    "regional": CertificateProfile(ca=True, path_length=2, key_usage=_CA_USAGE, extensions=_REGIONAL_EXTENSIONS),
+    "zonal": CertificateProfile(ca=True, path_length=1, key_usage=_CA_USAGE, extensions=_REGIONAL_EXTENSIONS),
+    # 2025+ instance certificates carry SKI and AKI (after KU) and a 20-byte serial
     "instance": CertificateProfile(ca=True, path_length=0, key_usage=frozenset({"key_cert_sign"}),
-                                   serial_bytes=20),
+                                   extensions=_INSTANCE_EXTENSIONS, serial_bytes=20),
     "leaf": CertificateProfile(ca=False, path_length=None,
                                key_usage=frozenset({"digital_signature", "content_commitment"}),
-                               key_usage_critical=False, subject_key_identifier=False,
-                               authority_key_identifier=False),
+                               extensions=("basic_constraints", "key_usage"), key_usage_critical=False),
 }
 _KEY_USAGE_FIELDS = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
                      "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
@@ -208,7 +237,7 @@ def issue_certificate(
     issuer_ski: bytes | None = None,
     crl_url: str | None = None,
 ) -> x509.Certificate:
-    """Sign one certificate with ``profile``'s extensions, ecdsa-with-SHA384 (spec 3.4)."""
+    """Sign one certificate with ``profile``'s extensions in the profile's order, ecdsa-with-SHA384 (spec 3.4)."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -217,22 +246,34 @@ def issue_certificate(
         .serial_number(serial if serial is not None else _random_serial(profile.serial_bytes))
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(**{name: name in profile.key_usage for name in _KEY_USAGE_FIELDS}),
-            critical=profile.key_usage_critical,
-        )
     )
-    if profile.subject_key_identifier:
-        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    if profile.authority_key_identifier and issuer_ski is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier(issuer_ski, None, None), critical=False)
-    if profile.crl_distribution_point and crl_url:
-        builder = builder.add_extension(
-            x509.CRLDistributionPoints([x509.DistributionPoint(
-                [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), critical=False)
+    # the builder writes extensions in the order they are added
+    for name in profile.extensions:
+        if name == "basic_constraints":
+            builder = builder.add_extension(
+                x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length), critical=True)
+        elif name == "key_usage":
+            builder = builder.add_extension(
+                x509.KeyUsage(**{u: u in profile.key_usage for u in _KEY_USAGE_FIELDS}),
+                critical=profile.key_usage_critical)
+        elif name == "subject_key_identifier":
+            builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        elif name == "authority_key_identifier":
+            if issuer_ski is not None:
+                builder = builder.add_extension(x509.AuthorityKeyIdentifier(issuer_ski, None, None), critical=False)
+        elif crl_url:  # crl_distribution_points
+            builder = builder.add_extension(
+                x509.CRLDistributionPoints([x509.DistributionPoint(
+                    [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), critical=False)
     return builder.sign(issuer_key, hashes.SHA384())
+
+
+def _check_region(region: str, error: type[Exception]) -> None:
+    """A region name as AWS writes them (``us-east-1``, ``ap-southeast-2``) or a local one (``local``)."""
+    if (not isinstance(region, str) or not 1 <= len(region) <= MAX_REGION_LENGTH
+            or not _REGION.fullmatch(region)):
+        raise error(f"region {str(region)[:40]!r} must be 1..{MAX_REGION_LENGTH} characters of a-z and 0-9 "
+                    "in '-'-separated words (e.g. us-east-1)")
 
 
 def enclave_id_bytes(module_id: str) -> bytes:
@@ -278,8 +319,7 @@ class LocalPKI:
              create: bool = True) -> LocalPKI:
         """Load ``<home>/pki`` (``home`` defaults to the state directory), creating it if ``create``."""
         now = _utc(now)
-        if not re.fullmatch(r"[a-z0-9-]{1,32}", region):
-            raise ValueError("region must be 1..32 characters of a-z, 0-9 and '-'")
+        _check_region(region, ValueError)
         directory = (home if home is not None else state.state_home()) / "pki"
         if not (directory / "root.pem").exists() and not create:
             raise LocalPKIError(f"no local attestation PKI in {directory}",
@@ -298,6 +338,7 @@ class LocalPKI:
                                 f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("version") != 1:
             raise LocalPKIError(f"{directory / 'pki.json'} has an unknown version")
+        _check_region(str(meta.get("region")), LocalPKIError)
         return cls(directory, region=str(meta["region"]), instance_id=str(meta["instance_id"]), root=root)
 
     @staticmethod
@@ -415,9 +456,11 @@ class LocalPKI:
         now = _utc(now)
         chain = self.chain(now)
         key = ec.generate_private_key(ec.SECP384R1())
-        cn = f"{module_id}.{self.region}.enclavekit-local"
-        if len(cn) > 64:  # X.520 ub-common-name
-            cn = f"{hashlib.sha256(module_id.encode()).hexdigest()[:40]}.{self.region}.enclavekit-local"[:64]
+        # spec 3.4: CN=<module_id>.<region>.aws; a standard module id (<= 39 characters) always fits
+        suffix = f".{self.region}.{_LEAF_DOMAIN}"
+        cn = module_id + suffix
+        if len(cn) > _MAX_COMMON_NAME:  # a non-standard module id: a hash of it, never a cut-off suffix
+            cn = hashlib.sha256(module_id.encode()).hexdigest()[:_MAX_COMMON_NAME - len(suffix)] + suffix
         cert = issue_certificate(
             PROFILES["leaf"], subject=self._long_subject(cn), public_key=key.public_key(),
             issuer=chain.instance.certificate.subject, issuer_key=chain.instance.key,

@@ -6,6 +6,7 @@ failure raises :class:`~enclavekit.errors.AttestationPolicyError` (E72) whose ``
 
 | rule             | check                                                                        |
 |------------------|------------------------------------------------------------------------------|
+| ``pcrs-missing-boot`` | PCR0, PCR1 and PCR2 present (an enclave's document always has them; spec 2.5) |
 | ``debug-mode``   | PCR0, PCR1, PCR2 all zero (debug enclave) refused unless ``unsafe_allow_debug`` |
 | ``pcrs``         | the document matches ALL entries of ANY of ``pcr_sets`` (staged rollouts)     |
 | ``nonce``        | nonce equals ``nonce``                                                        |
@@ -26,9 +27,11 @@ from typing import Protocol
 
 from enclavekit.errors import AttestationPolicyError
 
-__all__ = ["AttestationPolicy", "PCRSet", "parse_pcr_value", "DEFAULT_POLICY"]
+__all__ = ["AttestationPolicy", "PCRSet", "parse_pcr_value", "DEFAULT_POLICY", "BOOT_PCRS"]
 
 PCRSet = Mapping[int, bytes]
+# spec 2.5: the image measurements; PCRs 0-15 are locked at boot, so every enclave document carries these
+BOOT_PCRS = (0, 1, 2)
 
 
 class _Document(Protocol):
@@ -103,6 +106,12 @@ class AttestationPolicy:
 
     def check(self, document: _Document, at_time: datetime) -> None:
         """Raise :class:`AttestationPolicyError` naming the first rule ``document`` breaks."""
+        # spec 2.5: debug mode shows as PCR0-2 all zero; a document without them would slip past that test,
+        # and no enclave document lacks them, so their absence is refused before anything else
+        missing = [i for i in BOOT_PCRS if i not in document.pcrs]
+        if missing:
+            raise _fail("pcrs-missing-boot", "the document lacks the boot measurement(s) "
+                        f"{', '.join(f'PCR{i}' for i in missing)}; an enclave's document always has PCR0-2")
         if document.debug_mode and not self.unsafe_allow_debug:
             raise _fail("debug-mode", "the document comes from a debug-mode enclave (PCR0, PCR1 and PCR2 are all "
                         "zero); its measurements prove nothing")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,12 @@ from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 from enclavekit._internal.ecdsa import verify_raw
 from enclavekit.attestation.policy import DEFAULT_POLICY, AttestationPolicy
 from enclavekit.errors import AttestationFormatError, VerificationError
-from enclavekit.formats.attestation_doc import PROTECTED_ES384, AttestationDocument, parse_document
+from enclavekit.formats.attestation_doc import (
+    PROTECTED_ES384,
+    AttestationDocument,
+    parse_document,
+    split_certificate,
+)
 
 __all__ = [
     "TrustRoot",
@@ -141,16 +145,19 @@ _USAGES = ("digital_signature", "content_commitment", "key_encipherment", "data_
 
 def _facts(der: bytes) -> _CertFacts:
     try:
-        with warnings.catch_warnings():
-            # a malformed name (e.g. a 7-letter country) only warns; the chain checks decide
-            warnings.simplefilter("ignore", UserWarning)
-            return _parse_facts(der)
+        return _parse_facts(der)
     except (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension, UnsupportedAlgorithm) as exc:
-        raise AttestationFormatError(f"a certificate of the document does not parse ({type(exc).__name__})",
-                                     rule="certificate-der") from exc
+        raise AttestationFormatError(f"a certificate of the document does not parse ({type(exc).__name__}: "
+                                     f"{str(exc)[:80]})", rule="certificate-der") from exc
 
 
 def _parse_facts(der: bytes) -> _CertFacts:
+    # Names are compared as the exact DER bytes of the certificate (split_certificate), never through
+    # cryptography's Name objects: building those warns on malformed attributes (e.g. a 7-letter country), and
+    # silencing warnings is process-wide state that concurrent verifications must not touch.
+    parts = split_certificate(der)
+    if not parts.serial_is_positive:  # RFC 5280 4.1.2.2 (cryptography would only warn)
+        raise ValueError("the serial number is not positive")
     cert = x509.load_der_x509_certificate(der)
     exts = cert.extensions
     try:
@@ -171,7 +178,7 @@ def _parse_facts(der: bytes) -> _CertFacts:
         key = None
     ec_key = key if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1" else None
     return _CertFacts(
-        subject=cert.subject.public_bytes(), issuer=cert.issuer.public_bytes(),
+        subject=parts.subject, issuer=parts.issuer,
         not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
         signature_oid=cert.signature_algorithm_oid, tbs=cert.tbs_certificate_bytes,
         signature=cert.signature, public_key=ec_key, ca=ca, path_length=path_length, key_usage=usage,

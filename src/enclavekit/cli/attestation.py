@@ -6,8 +6,9 @@
   the built-in AWS Nitro Enclaves Root-G1 alone.  ``--no-aws-root`` never trusts the AWS root.
   Exit 0 and JSON on success; otherwise ``[ E70|E71|E72 ] …`` with the failed rule.
 * ``issue --output FILE``: a document signed by the local PKI (the state directory's ``pki/``), PCRs 0-15 as
-  the NSM reports them at boot: the given values (``--pcr`` or ``--eif-path``), PCR3/PCR4 from the parent's
-  role ARN / instance id when given, zeros elsewhere; ``--debug-mode`` zeroes PCR0/1/2/8 as Nitro does.
+  the NSM reports them at boot: the given values (``--pcr`` or ``--eif-path``), PCR3 from the parent's role ARN
+  when given, PCR4 from the parent instance id (``--parent-instance-id``, else the one in ``--module-id``, else
+  the local PKI's; never zero, as on Nitro), zeros elsewhere; ``--debug-mode`` zeroes PCR0/1/2/8 as Nitro does.
 * ``root-cert``: the local root certificate (PEM), creating the local PKI on first use.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,14 +29,16 @@ from enclavekit.attestation.issuer import DocumentIssuer
 from enclavekit.attestation.pki import LocalPKI
 from enclavekit.attestation.policy import AttestationPolicy, parse_pcr_value
 from enclavekit.attestation.verifier import AWS_ROOT_G1, TrustRoot, verify
-from enclavekit.errors import ConfigError, FileOperationError
+from enclavekit.errors import AttestationFormatError, ConfigError, FileOperationError
 from enclavekit.formats.attestation_doc import MAX_DOCUMENT_SIZE, MAX_FIELD_SIZE, parse_document
 from enclavekit.formats.pcr import pcr3_role_arn, pcr4_instance_id
 from enclavekit.image.eif_reader import measure_eif
+from enclavekit.nsm.module import instance_id_of
 
-__all__ = ["register", "run_describe", "run_verify", "run_issue", "run_root_cert"]
+__all__ = ["register", "describe_document", "run_describe", "run_verify", "run_issue", "run_root_cert"]
 
 _BOOT_PCRS = 16  # PCRs 0-15 are locked at boot (spec 2.5)
+_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")  # spec 3.5: EC2 instance ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -93,7 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="set locked PCR N (0..31) to HEX (48 bytes; repeatable)")
     i.add_argument("--debug-mode", action="store_true", help="zero PCR0/1/2/8 as a debug-mode enclave's NSM does")
     i.add_argument("--parent-role-arn", metavar="ARN", help="PCR3 = SHA384(0^48 || ARN)")
-    i.add_argument("--parent-instance-id", metavar="ID", help="PCR4 = SHA384(0^48 || ID); also the module id's")
+    i.add_argument("--parent-instance-id", metavar="ID",
+                   help="i-<8..17 hex>: PCR4 = SHA384(0^48 || ID); also the module id's (default: the instance "
+                   "id in --module-id, else the local PKI's)")
     i.add_argument("--user-data-hex", metavar="HEX")
     i.add_argument("--nonce-hex", metavar="HEX")
     i.add_argument("--public-key-file", metavar="FILE", help="raw bytes to put in public_key (<= 1024)")
@@ -171,18 +177,29 @@ def _print_json(obj: Any) -> None:
 # --------------------------------------------------------------------------------------------- commands
 
 
-def run_describe(args: argparse.Namespace) -> int:
-    data = _read(args.document, limit=MAX_DOCUMENT_SIZE, what="document")
+def _read_document(path: str) -> bytes:
+    try:
+        return _read(path, limit=MAX_DOCUMENT_SIZE, what="document")
+    except ConfigError as exc:  # untrusted bytes of the wrong size: a format error (attestation doc 3.1)
+        raise AttestationFormatError(str(exc), rule="document-size") from exc
+
+
+def describe_document(data: bytes) -> dict[str, Any]:
+    """What ``describe`` prints for ``data``.  Raises only :class:`~enclavekit.errors.FormatError`s."""
     envelope, document = parse_document(data)
     out = document.describe()
     out["cose"] = {"tagged": envelope.tagged, "protected": envelope.protected.hex(),
                    "signature_length": len(envelope.signature)}
-    _print_json(out)
+    return out
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    _print_json(describe_document(_read_document(args.document)))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    data = _read(args.document, limit=MAX_DOCUMENT_SIZE, what="document")
+    data = _read_document(args.document)
     at_time = _parse_time(args.at)
     roots: list[TrustRoot] = []
     for path in args.root:
@@ -217,7 +234,7 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _boot_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
+def _boot_pcrs(args: argparse.Namespace, instance_id: str) -> dict[int, bytes]:
     pcrs = {i: b"\x00" * 48 for i in range(_BOOT_PCRS)}
     if args.eif_path:
         try:
@@ -236,8 +253,8 @@ def _boot_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
     pcrs.update(given)
     if args.parent_role_arn:
         pcrs[3] = pcr3_role_arn(args.parent_role_arn)
-    if args.parent_instance_id:
-        pcrs[4] = pcr4_instance_id(args.parent_instance_id)
+    # spec 2.5: PCR4 measures the parent instance id and is never zero on Nitro
+    pcrs[4] = pcr4_instance_id(instance_id)
     if args.debug_mode:  # spec 2.5: debug mode zeroes PCR0/1/2 and PCR8; PCR3 and PCR4 stay real
         for index in (0, 1, 2, 8):
             pcrs[index] = b"\x00" * 48
@@ -245,9 +262,11 @@ def _boot_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
 
 
 def run_issue(args: argparse.Namespace) -> int:
+    if args.parent_instance_id is not None and not _INSTANCE_ID.fullmatch(args.parent_instance_id):
+        raise ConfigError(f"--parent-instance-id {args.parent_instance_id[:40]!r}: expected i- and 8 to 17 "
+                          "lowercase hex digits (e.g. i-0123456789abcdef0)")
     now = datetime.now(UTC)
     timestamp_ms = int(now.timestamp() * 1000)
-    pcrs = _boot_pcrs(args)
     public_key = None
     if args.public_key_file:
         public_key = _read(args.public_key_file, limit=MAX_FIELD_SIZE, what="public key file")
@@ -257,12 +276,14 @@ def run_issue(args: argparse.Namespace) -> int:
     nonce = _hex(args.nonce_hex, "--nonce-hex")
     pki = LocalPKI.open(now=now)
     module_id = args.module_id
+    # the instance id PCR4 measures: the parent's if given, else the one the module id names, else the PKI's
+    instance = args.parent_instance_id or (module_id and instance_id_of(module_id)) or pki.instance_id
     if module_id is None:
-        instance = args.parent_instance_id or pki.instance_id
         # spec 3.5: <instance id>-enc<12 hex creation ms><4 hex>
         module_id = f"{instance}-enc{timestamp_ms:012x}{os.urandom(2).hex()}"
     if not module_id or len(module_id) > 256:
         raise ConfigError("--module-id must be 1..256 characters")
+    pcrs = _boot_pcrs(args, instance)
     issuer = DocumentIssuer(pki, definite_map=args.definite_map)
     document = issuer.issue(module_id=module_id, timestamp_ms=timestamp_ms, pcrs=pcrs, public_key=public_key,
                             user_data=user_data, nonce=nonce)

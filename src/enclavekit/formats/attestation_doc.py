@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from enclavekit.errors import AttestationFormatError, CBORError, FormatError
 from enclavekit.formats import cbor
@@ -29,11 +30,15 @@ __all__ = [
     "AttestationDocument",
     "parse_document",
     "describe_certificate",
+    "CertificateParts",
+    "split_certificate",
+    "name_text",
     "PAYLOAD_KEYS",
     "MAX_DOCUMENT_SIZE",
     "MAX_PAYLOAD_SIZE",
     "MAX_FIELD_SIZE",
     "PCR_LENGTHS",
+    "MAX_TIMESTAMP",
     "PROTECTED_ES384",
 ]
 
@@ -54,6 +59,10 @@ MAX_PCRS = 32
 # our own caps (the spec gives none): a module id is a short text, a chain has a handful of certificates
 MAX_MODULE_ID_LENGTH = 256
 MAX_CABUNDLE_ENTRIES = 16
+# attestation doc 3.2: the timestamp is a uint64 of ms; we cap it at 9999-12-31T23:59:59.999Z so that every
+# accepted document has a representable date
+MAX_TIMESTAMP = 253402300799999
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 PROTECTED_ES384 = b"\xa1\x01\x38\x22"  # attestation doc 3.1: the protected header {1: -35}, as AWS writes it
 
@@ -76,8 +85,8 @@ def _check_fields(fields: Mapping[str, object], error: type[Exception]) -> None:
         raise _fail("digest", "digest must be \"SHA384\"", error)
     if not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp <= 0:
         raise _fail("timestamp", "timestamp must be an integer > 0", error)
-    if timestamp >= 1 << 64:
-        raise _fail("timestamp", "timestamp does not fit 64 bits", error)
+    if timestamp > MAX_TIMESTAMP:
+        raise _fail("timestamp", f"timestamp {timestamp} is after 9999-12-31 (at most {MAX_TIMESTAMP} ms)", error)
     if not isinstance(pcrs, Mapping):
         raise _fail("pcrs", "pcrs must be a map", error)
     if not 1 <= len(pcrs) <= MAX_PCRS:
@@ -176,9 +185,13 @@ class AttestationDocument:
         value = decoded.value
         if not isinstance(value, dict):
             raise AttestationFormatError("payload is not a CBOR map", rule="payload-type")
-        # nested maps (pcrs) must be definite; only the top-level map may be indefinite (attestation doc 3.2)
-        if any(offset != 0 for offset in decoded.indefinite_maps):
-            raise AttestationFormatError("pcrs must be a definite-length map", rule="pcrs")
+        # attestation doc 3.2: only the top-level map may be indefinite; pcrs, cabundle and every string
+        # inside stay definite-length (no `9f`/`bf` containers, no chunked `5f`/`7f` strings)
+        nested = [offset for offset in decoded.indefinite_items if offset != 0]
+        if nested:
+            raise AttestationFormatError(
+                f"indefinite-length item at payload offset {nested[0]}: only the top-level map may be "
+                "indefinite", rule="encoding")
         if "nitrotpm_pcrs" in value:
             raise AttestationFormatError(
                 "this is a NitroTPM document (nitrotpm_pcrs), not an enclave attestation document",
@@ -216,7 +229,8 @@ class AttestationDocument:
 
     @property
     def timestamp_datetime(self) -> datetime:
-        return datetime.fromtimestamp(self.timestamp / 1000, tz=UTC)
+        # exact milliseconds (no float rounding); the field check keeps the timestamp within year 9999
+        return _EPOCH + timedelta(milliseconds=self.timestamp)
 
     @property
     def debug_mode(self) -> bool:
@@ -261,19 +275,161 @@ def parse_document(data: bytes) -> tuple[COSESign1, AttestationDocument]:
     return envelope, AttestationDocument.from_payload_bytes(envelope.payload)
 
 
+# --------------------------------------------------------------------------------------------- certificates
+# A minimal strict DER walk of a certificate's outer structure (RFC 5280 4.1), enough to read the serial, issuer
+# and subject without building cryptography Name objects: those warn (process-wide) on malformed attributes.
+
+_NAME_LABELS = {
+    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.9": "STREET", "2.5.4.10": "O",
+    "2.5.4.11": "OU", "0.9.2342.19200300.100.1.25": "DC", "0.9.2342.19200300.100.1.1": "UID",
+}
+# DER string tags and their codecs (UTF8String, NumericString, PrintableString, TeletexString, IA5String,
+# VisibleString, UniversalString, BMPString)
+_STRING_CODECS = {0x0C: "utf-8", 0x12: "ascii", 0x13: "ascii", 0x14: "latin-1", 0x16: "ascii", 0x1A: "ascii",
+                  0x1C: "utf-32-be", 0x1E: "utf-16-be"}
+
+
+@dataclass(frozen=True)
+class CertificateParts:
+    """Raw pieces of a DER certificate: serial INTEGER contents, issuer and subject Name TLVs (exact bytes)."""
+
+    serial: bytes
+    issuer: bytes
+    subject: bytes
+
+    @property
+    def serial_is_positive(self) -> bool:
+        """RFC 5280 4.1.2.2: serials are positive; cryptography warns (process-wide) on any other."""
+        return bool(self.serial) and not self.serial[0] & 0x80 and any(self.serial)
+
+
+def _tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """One DER TLV at ``pos`` (not past ``end``): (tag, content start, content end).  Raises ValueError."""
+    if end - pos < 2:
+        raise ValueError("truncated DER")
+    tag, first = data[pos], data[pos + 1]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-byte DER tags are not used in certificates")
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        n = first & 0x7F
+        if not 1 <= n <= 3 or end - pos < n:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + n], "big")
+        if length < 0x80 or data[pos] == 0:  # DER: shortest length form
+            raise ValueError("non-minimal DER length")
+        pos += n
+    if length > end - pos:
+        raise ValueError("DER length past the end")
+    return tag, pos, pos + length
+
+
+def split_certificate(der: bytes) -> CertificateParts:
+    """The serial, issuer and subject of a DER certificate, read without cryptography.  Raises ValueError."""
+    tag, start, end = _tlv(der, 0, len(der))
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a DER certificate SEQUENCE")
+    tag, pos, tbs_end = _tlv(der, start, end)  # TBSCertificate
+    if tag != 0x30:
+        raise ValueError("no TBSCertificate")
+    tag, c0, c1 = _tlv(der, pos, tbs_end)
+    if tag == 0xA0:  # [0] EXPLICIT version
+        pos = c1
+        tag, c0, c1 = _tlv(der, pos, tbs_end)
+    if tag != 0x02:
+        raise ValueError("no serial number")
+    serial = der[c0:c1]
+    pos = c1
+    parts: list[bytes] = []
+    for what in ("signature algorithm", "issuer", "validity", "subject"):
+        tag, c0, c1 = _tlv(der, pos, tbs_end)
+        if tag != 0x30:
+            raise ValueError(f"no {what}")
+        parts.append(der[pos:c1])
+        pos = c1
+    return CertificateParts(serial=serial, issuer=parts[1], subject=parts[3])
+
+
+def _escape(value: str) -> str:
+    # RFC 4514 2.4
+    out = "".join("\\" + ch if ch in ',+"\\<>;' else ch for ch in value)
+    if out.startswith(("#", " ")):
+        out = "\\" + out
+    if out.endswith(" ") and len(out) > 1:
+        out = out[:-1] + "\\ "
+    return out
+
+
+def _oid_text(content: bytes) -> str:
+    if not content or content[-1] & 0x80:
+        raise ValueError("bad OID")
+    arcs: list[int] = []
+    value = 0
+    for byte in content:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in (first, arcs[0] - 40 * first, *arcs[1:]))
+
+
+def name_text(name_der: bytes) -> str:
+    """RFC 4514 text of a DER Name (last RDN first, as cryptography prints it).  Raises ValueError."""
+    tag, pos, end = _tlv(name_der, 0, len(name_der))
+    if tag != 0x30 or end != len(name_der):
+        raise ValueError("not a Name")
+    rdns: list[str] = []
+    while pos < end:
+        tag, s0, s1 = _tlv(name_der, pos, end)
+        if tag != 0x31:
+            raise ValueError("RDN is not a SET")
+        attributes: list[str] = []
+        while s0 < s1:
+            tag, a0, a1 = _tlv(name_der, s0, s1)
+            if tag != 0x30:
+                raise ValueError("attribute is not a SEQUENCE")
+            otag, o0, o1 = _tlv(name_der, a0, a1)
+            vtag, v0, v1 = _tlv(name_der, o1, a1)
+            if otag != 0x06 or v1 != a1:
+                raise ValueError("bad attribute")
+            oid = _oid_text(name_der[o0:o1])
+            codec = _STRING_CODECS.get(vtag)
+            try:
+                text = _escape(name_der[v0:v1].decode(codec)) if codec else None
+            except UnicodeDecodeError:
+                text = None
+            if text is None:  # RFC 4514 2.4: other types print as # and the hex of the BER encoding
+                text = "#" + name_der[o1:v1].hex()
+            attributes.append(f"{_NAME_LABELS.get(oid, oid)}={text}")
+            s0 = a1
+        rdns.append("+".join(attributes))
+        pos = s1
+    return ",".join(reversed(rdns))
+
+
 def describe_certificate(der: bytes) -> dict[str, Any]:
-    """Subject, issuer, serial, validity and SHA-256 of a DER certificate, for display only."""
+    """Subject, issuer, serial, validity and SHA-256 of a DER certificate, for display only.
+
+    Never raises for malformed input (the summary then holds ``error``) and never makes cryptography warn:
+    names are rendered from the DER here, and a non-positive serial is reported before cryptography sees it.
+    """
     summary: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest(), "size": len(der)}
     try:
+        parts = split_certificate(der)
+        if not parts.serial_is_positive:
+            raise ValueError("the serial number is not positive")
+        subject, issuer = name_text(parts.subject), name_text(parts.issuer)
         cert = x509.load_der_x509_certificate(der)
         summary.update(
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
+            subject=subject,
+            issuer=issuer,
             serial=format(cert.serial_number, "x"),
             not_before=cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
             not_after=cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
         )
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         summary["error"] = f"not a parsable X.509 certificate ({type(exc).__name__})"
     return summary
-

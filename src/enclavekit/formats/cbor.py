@@ -57,11 +57,13 @@ class IndefiniteArray(list):  # type: ignore[type-arg]
 
 @dataclass
 class Decoded:
-    """Result of :func:`decode_prefix`: the value, where it ended, and which maps were indefinite."""
+    """Result of :func:`decode_prefix`: the value, where it ended, and which items were indefinite."""
 
     value: Any
     end: int
     indefinite_maps: list[int] = field(default_factory=list)  # offsets of maps encoded `bf … ff`
+    # offsets of every indefinite-length item: maps, arrays (`9f … ff`) and chunked strings (`5f`/`7f … ff`)
+    indefinite_items: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -160,13 +162,14 @@ _BREAK = object()
 
 
 class _Decoder:
-    __slots__ = ("data", "indefinite_maps", "max_depth", "pos")
+    __slots__ = ("data", "indefinite_items", "indefinite_maps", "max_depth", "pos")
 
     def __init__(self, data: bytes, max_depth: int) -> None:
         self.data = data
         self.pos = 0
         self.max_depth = max_depth
         self.indefinite_maps: list[int] = []
+        self.indefinite_items: list[int] = []
 
     def _need(self, n: int, what: str) -> None:
         if n > len(self.data) - self.pos:
@@ -208,6 +211,7 @@ class _Decoder:
             return -1 - arg
         if major in (2, 3):
             if arg is None:
+                self.indefinite_items.append(start)
                 chunks = []
                 while True:
                     self._need(1, "string chunk")
@@ -234,6 +238,7 @@ class _Decoder:
         if major == 4:
             items: list[Any] = []
             if arg is None:
+                self.indefinite_items.append(start)
                 while True:
                     self._need(1, "array item")
                     if self.data[self.pos] == 0xFF:
@@ -249,6 +254,7 @@ class _Decoder:
             result: dict[Any, Any] = {}
             if arg is None:
                 self.indefinite_maps.append(start)
+                self.indefinite_items.append(start)
                 while True:
                     self._need(1, "map entry")
                     if self.data[self.pos] == 0xFF:
@@ -300,7 +306,8 @@ def decode_prefix(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Decoded
         raise TypeError("decode expects bytes")
     dec = _Decoder(bytes(data), max_depth)
     value = dec.item(0)
-    return Decoded(value=value, end=dec.pos, indefinite_maps=dec.indefinite_maps)
+    return Decoded(value=value, end=dec.pos, indefinite_maps=dec.indefinite_maps,
+                   indefinite_items=dec.indefinite_items)
 
 
 def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:

@@ -38,6 +38,8 @@ __all__ = [
     "parent_role_pcr",
     "parent_instance_pcr",
     "make_module_id",
+    "DEFAULT_INSTANCE_ID",
+    "instance_id_of",
 ]
 
 ZERO_PCR = bytes(msg.PCR_SIZE)
@@ -82,6 +84,15 @@ def parent_instance_pcr(instance_id: str | None) -> bytes:
 
 
 _INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
+_MODULE_ID_INSTANCE = re.compile(r"(i-[0-9a-f]{8,17})-enc[0-9a-f]+")
+# the instance id of a module whose parent is not configured (module id and PCR4 agree on it)
+DEFAULT_INSTANCE_ID = "i-00000000000000000"
+
+
+def instance_id_of(module_id: str) -> str | None:
+    """The parent instance id inside an enclave id ``i-…-enc…`` (§3.5), or None for other module ids."""
+    match = _MODULE_ID_INSTANCE.fullmatch(module_id)
+    return match.group(1) if match else None
 
 
 def make_module_id(instance_id: str, creation_ms: int, rand16: int) -> str:
@@ -189,7 +200,9 @@ class EmulatedNSM:
     ``measurements`` are the image's PCRs as ``describe-eif`` prints them (``{"PCR0": hex, "PCR1": ..., "PCR2":
     ..., "PCR8": ...}``; int keys and bytes values work too); PCR8 is present only for signed images.
     ``parent_role_arn`` / ``parent_instance_id`` give PCR3 / PCR4.  ``module_id`` defaults to an enclave id made
-    from the instance id, the clock and two random bytes (§3.5).
+    from the instance id, the clock and two random bytes (§3.5).  PCR4 is never zero on Nitro (§2.5): without
+    ``parent_instance_id`` it measures the instance id the module id names (``i-…-enc…``), else
+    :data:`DEFAULT_INSTANCE_ID`, the one a default module id is made from.
     """
 
     def __init__(
@@ -222,18 +235,21 @@ class EmulatedNSM:
             if index not in _IMAGE_PCRS:
                 raise ValueError(f"image measurements hold PCR0, 1, 2 and 8 only, got PCR{index}")
             self._bank.set_boot_value(index, _pcr_value(index, value))
-        # eif-pcr-cli §2.3: PCR3/PCR4 extend with the raw strings; PCR3 stays zero without a role
-        self._bank.set_boot_value(3, parent_role_pcr(parent_role_arn))
-        self._bank.set_boot_value(4, parent_instance_pcr(parent_instance_id))
-        # §2.5: then the platform locks 0-15
-        self._bank.lock_range(BOOT_LOCKED_PCRS)
         if module_id is None:
             rand = random_source(2)
             if len(rand) != 2:
                 raise ValueError("random_source returned the wrong number of bytes")
-            module_id = make_module_id(parent_instance_id or "i-00000000000000000", clock_ms(),
+            module_id = make_module_id(parent_instance_id or DEFAULT_INSTANCE_ID, clock_ms(),
                                        int.from_bytes(rand, "big"))
         self._module_id = module_id
+        # §2.5: PCR4 is never zero on Nitro; without a configured parent it measures the instance id the
+        # module id carries, so the document's module_id and PCR4 tell the same story
+        instance_id = parent_instance_id or instance_id_of(module_id) or DEFAULT_INSTANCE_ID
+        # eif-pcr-cli §2.3: PCR3/PCR4 extend with the raw strings; PCR3 stays zero without a role
+        self._bank.set_boot_value(3, parent_role_pcr(parent_role_arn))
+        self._bank.set_boot_value(4, parent_instance_pcr(instance_id))
+        # §2.5: then the platform locks 0-15
+        self._bank.lock_range(BOOT_LOCKED_PCRS)
 
     # ------------------------------------------------------------------------------------------- properties
 

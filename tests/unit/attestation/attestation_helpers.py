@@ -61,20 +61,31 @@ def make_chain(
     leaf_lifetime: timedelta = timedelta(hours=3),
     leaf_curve: ec.EllipticCurve | None = None,
     extra_leaf_extension: x509.ExtensionType | None = None,
+    ca_curves: dict[str, ec.EllipticCurve] | None = None,
+    validity: dict[str, tuple[datetime, datetime]] | None = None,
+    root_name: x509.Name | None = None,
+    sha256_signed: frozenset[str] = frozenset(),
 ) -> Chain:
-    """root -> regional -> zonal -> instance -> leaf with PROFILES, overridden by ``profiles``."""
+    """root -> regional -> zonal -> instance -> leaf with PROFILES, overridden by ``profiles``.
+
+    ``ca_curves`` gives a CA another key curve, ``validity`` a CA another window, ``root_name`` the root another
+    subject, and the certificates named in ``sha256_signed`` are signed ecdsa-with-SHA256 instead of SHA-384.
+    """
     prof = {**PROFILES, **(profiles or {})}
     cas: list[IssuedCertificate] = []
     parent_key: ec.EllipticCurvePrivateKey | None = None
     parent_name: x509.Name | None = None
     for kind in ("root", "regional", "zonal", "instance"):
-        key = ec.generate_private_key(ec.SECP384R1())
-        name = _name(f"{kind}.test.enclavekit-local")
+        key = ec.generate_private_key((ca_curves or {}).get(kind, ec.SECP384R1()))
+        name = root_name if kind == "root" and root_name is not None else _name(f"{kind}.test.enclavekit-local")
+        not_before, not_after = (validity or {}).get(kind, (start - timedelta(days=1), start + timedelta(days=5)))
         cert = issue_certificate(
             prof[kind], subject=name, public_key=key.public_key(), issuer=parent_name or name,
-            issuer_key=parent_key or key, not_before=start - timedelta(days=1), not_after=start + timedelta(days=5),
+            issuer_key=parent_key or key, not_before=not_before, not_after=not_after,
             issuer_ski=(x509.SubjectKeyIdentifier.from_public_key(parent_key.public_key()).digest
                         if parent_key else None))
+        if kind in sha256_signed:
+            cert = _resign(cert, parent_key or key, hashes.SHA256())
         cas.append(IssuedCertificate(cert, key))
         parent_key, parent_name = key, name
     assert parent_key is not None and parent_name is not None
@@ -89,7 +100,20 @@ def make_chain(
         for ext in leaf_cert.extensions:
             builder = builder.add_extension(ext.value, ext.critical)
         leaf_cert = builder.add_extension(extra_leaf_extension, critical=True).sign(parent_key, hashes.SHA384())
+    if "leaf" in sha256_signed:
+        leaf_cert = _resign(leaf_cert, parent_key, hashes.SHA256())
     return Chain(cas, IssuedCertificate(leaf_cert, leaf_key))  # type: ignore[arg-type]
+
+
+def _resign(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, algorithm: hashes.HashAlgorithm,
+            ) -> x509.Certificate:
+    """The same certificate (names, key, serial, validity, extensions in order) signed with ``algorithm``."""
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(cert.serial_number)  # type: ignore[arg-type]
+               .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc))
+    for ext in cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(key, algorithm)
 
 
 def sign_document(

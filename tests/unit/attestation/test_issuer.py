@@ -94,6 +94,13 @@ def test_bad_timestamp_is_a_caller_error(pki: LocalPKI) -> None:
         _issue(DocumentIssuer(pki), 0)
 
 
+def test_timestamp_past_year_9999_is_a_caller_error(pki: LocalPKI) -> None:
+    from enclavekit.formats.attestation_doc import MAX_TIMESTAMP
+
+    with pytest.raises(ValueError):
+        _issue(DocumentIssuer(pki), MAX_TIMESTAMP + 1)
+
+
 def test_cache_is_bounded(pki: LocalPKI) -> None:
     issuer = DocumentIssuer(pki, max_cached_leaves=2)
     for i in range(4):

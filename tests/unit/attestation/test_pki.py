@@ -17,11 +17,13 @@ from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 from enclavekit._internal import state
 from enclavekit.attestation.pki import (
     INSTANCE_LIFETIME,
+    PROFILES,
     REGIONAL_LIFETIME,
     ROOT_COMMON_NAME,
     ZONAL_LIFETIME,
     LocalPKI,
     enclave_id_bytes,
+    issue_certificate,
     leaf_serial,
 )
 from enclavekit.errors import LocalPKIError
@@ -72,7 +74,7 @@ def test_chain_profiles_follow_aws(pki: LocalPKI) -> None:
         parent = cert
     # the zonal subject puts CN first (spec 3.4)
     assert chain.zonal.certificate.subject.rdns[0].get_attributes_for_oid(NameOID.COMMON_NAME)
-    assert ".zonal.local.enclavekit-local.nitro-enclaves" in chain.zonal.certificate.subject.rfc4514_string()
+    assert ".zonal.local.eklocal.nitro-enclaves" in chain.zonal.certificate.subject.rfc4514_string()
     assert chain.instance.certificate.serial_number.bit_length() > 150  # 20-byte serial
     assert chain.cabundle == (pki.root.der, chain.regional.der, chain.zonal.der, chain.instance.der)
 
@@ -176,3 +178,95 @@ def test_state_home_resolution(tmp_path: Path) -> None:
     assert state.state_home({}, euid=0) == Path("/var/lib/enclavekit")
     assert state.state_home({"HOME": "/home/u"}, euid=1000) == Path("/home/u/.local/share/enclavekit")
     assert state.state_home({"XDG_DATA_HOME": "/x"}, euid=1000) == Path("/x/enclavekit")
+
+
+# ------------------------------------------------------------------------------------------ extension order
+
+
+_EXT = {x509.BasicConstraints.oid: "BC", x509.SubjectKeyIdentifier.oid: "SKI", x509.KeyUsage.oid: "KU",
+        x509.AuthorityKeyIdentifier.oid: "AKI", x509.CRLDistributionPoints.oid: "CRL-DP"}
+# spec 3.4, read off every fixture (instance: the 2025 form with SKI and AKI)
+AWS_ORDER = {"root": ["BC", "SKI", "KU"], "regional": ["BC", "AKI", "SKI", "KU", "CRL-DP"],
+             "zonal": ["BC", "AKI", "SKI", "KU", "CRL-DP"], "instance": ["BC", "KU", "SKI", "AKI"],
+             "leaf": ["BC", "KU"]}
+
+
+def _order(cert: x509.Certificate) -> list[str]:
+    return [_EXT[e.oid] for e in cert.extensions]
+
+
+def test_extensions_are_in_aws_order(pki: LocalPKI) -> None:
+    chain = pki.chain(NOW)
+    leaf = pki.issue_leaf(MODULE_ID, NOW).issued.certificate
+    got = {"root": _order(pki.root.certificate), "regional": _order(chain.regional.certificate),
+           "zonal": _order(chain.zonal.certificate), "instance": _order(chain.instance.certificate),
+           "leaf": _order(leaf)}
+    assert got == AWS_ORDER
+
+
+def test_aws_fixture_chains_have_the_profile_order() -> None:
+    from attestation_helpers import DOCS, fixture_bytes
+
+    from enclavekit.formats.attestation_doc import AttestationDocument
+
+    doc = AttestationDocument.from_bytes(fixture_bytes(next(d for d in DOCS if "2025" in d)))
+    certs = [x509.load_der_x509_certificate(d) for d in (*doc.cabundle, doc.certificate)]
+    assert dict(zip(AWS_ORDER, map(_order, certs), strict=True)) == AWS_ORDER
+
+
+def test_profiles_refuse_unknown_or_repeated_extensions() -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ValueError):
+        replace(PROFILES["leaf"], extensions=("basic_constraints", "basic_constraints"))
+    with pytest.raises(ValueError):
+        replace(PROFILES["leaf"], extensions=("subject_alt_name",))
+    # a profile without key_usage writes none (used to build negative test chains)
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
+    cert = issue_certificate(replace(PROFILES["leaf"], extensions=("basic_constraints",)), subject=name,
+                             public_key=key.public_key(), issuer=name, issuer_key=key, not_before=NOW,
+                             not_after=NOW + timedelta(hours=1))
+    assert _order(cert) == ["BC"]
+
+
+# ------------------------------------------------------------------------------------------ names and regions
+
+
+LONG_MODULE_ID = "i-0123456789abcdef0-enc0199546b533fd5d0"  # 39 characters, the longest standard form
+
+
+@pytest.mark.parametrize("region", ["ap-southeast-2", "us-gov-west-1", "ap-northeast-3", "il-central-1",
+                                    "us-isof-south-1", "x" * 16])
+def test_real_region_names_fit_every_common_name(tmp_path: Path, region: str) -> None:
+    pki = LocalPKI.open(tmp_path, now=NOW, region=region)
+    chain = pki.chain(NOW)
+    leaf = pki.issue_leaf(LONG_MODULE_ID, NOW).issued.certificate
+    for cert in (chain.regional.certificate, chain.zonal.certificate, chain.instance.certificate, leaf):
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert isinstance(cn, str) and len(cn) <= 64
+        assert f".{region}.eklocal" in cn and "aws" not in cn
+    # the leaf CN is whole: <module_id>.<region>.eklocal, never cut mid-word
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"{LONG_MODULE_ID}.{region}.eklocal"
+
+
+def test_an_over_long_module_id_is_hashed_not_cut(tmp_path: Path) -> None:
+    pki = LocalPKI.open(tmp_path, now=NOW, region="ap-southeast-2")
+    cert = pki.issue_leaf("m" * 80, NOW).issued.certificate
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert isinstance(cn, str) and len(cn) == 64 and cn.endswith(".ap-southeast-2.eklocal")
+
+
+@pytest.mark.parametrize("region", ["", "x" * 17, "US-EAST-1", "us_east_1", "-us", "us-", "us--east", "eu/1",
+                                    "us-east-1\n"])
+def test_bad_region_names_are_refused(tmp_path: Path, region: str) -> None:
+    with pytest.raises(ValueError, match="region"):
+        LocalPKI.open(tmp_path, now=NOW, region=region)
+    assert not (tmp_path / "pki").exists()
+
+
+def test_a_stored_bad_region_is_reported(tmp_path: Path, pki: LocalPKI) -> None:
+    meta = tmp_path / "pki" / "pki.json"
+    meta.write_text(meta.read_text().replace('"local"', '"' + "y" * 40 + '"'))
+    with pytest.raises(LocalPKIError, match="region"):
+        LocalPKI.open(tmp_path, now=NOW)

@@ -40,6 +40,22 @@ def test_debug_mode_refused_unless_allowed() -> None:
     AttestationPolicy(unsafe_allow_debug=True).check(Doc(debug_mode=True), NOW)
 
 
+@pytest.mark.parametrize("missing", [(0,), (1,), (2,), (0, 1, 2)])
+def test_boot_pcrs_must_be_present(missing: tuple[int, ...]) -> None:
+    # spec 2.5: debug mode is detected as PCR0-2 all zero; a document without them must not pass as production
+    pcrs = {i: v for i, v in PCRS.items() if i not in missing}
+    assert _refused(AttestationPolicy(), Doc(pcrs=pcrs)) == "pcrs-missing-boot"
+    assert _refused(AttestationPolicy(unsafe_allow_debug=True), Doc(pcrs=pcrs)) == "pcrs-missing-boot"
+
+
+def test_signed_document_without_boot_pcrs_fails_the_default_policy() -> None:
+    chain = make_chain()
+    doc = sign_document(chain, pcrs={3: b"\x00" * 48, 4: b"\x04" * 48})
+    with pytest.raises(AttestationPolicyError) as exc:
+        verify(doc, [TrustRoot(chain.cas[0].der)], NOW)
+    assert exc.value.rule == "pcrs-missing-boot"
+
+
 def test_pcr_sets_any_set_all_entries() -> None:
     old = {0: b"\xaa" * 48, 1: PCRS[1].hex()}
     new = {0: PCRS[0], 1: PCRS[1].hex().upper()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -106,10 +107,22 @@ def test_reencoding_the_payload_breaks_the_signature() -> None:
     assert _rule(exc) == "cose-signature"
 
 
-def test_a_root_in_the_bundle_is_not_trusted_for_being_there() -> None:
+def test_no_trust_root_is_a_caller_bug() -> None:
     name = DOCS[0]
     with pytest.raises(ValueError, match="trust root"):
         verify(fixture_bytes(name), [], verify_at(name))
+
+
+def test_a_root_in_the_bundle_is_not_trusted_for_being_there() -> None:
+    # a self-made root with exactly AWS's subject at cabundle[0], a well-formed chain under it, a valid signature
+    aws_subject = AWS_ROOT_G1.certificate.subject  # type: ignore[union-attr]
+    chain = make_chain(root_name=aws_subject)
+    assert chain.cas[0].certificate.subject == aws_subject and chain.cabundle[0] != AWS_ROOT_G1.der
+    doc = sign_document(chain)
+    assert verify(doc, [_root(chain)], NOW).module_id  # sound in every respect but the root
+    with pytest.raises(VerificationError) as exc:
+        verify(doc, [AWS_ROOT_G1], NOW)
+    assert _rule(exc) == "trust-root"
 
 
 # ------------------------------------------------------------------------------------------ our documents
@@ -117,7 +130,7 @@ def test_a_root_in_the_bundle_is_not_trusted_for_being_there() -> None:
 
 def test_issued_documents_verify_with_the_local_root_and_not_the_aws_root(pki: LocalPKI) -> None:
     doc = DocumentIssuer(pki).issue(module_id="i-0123456789abcdef0-enc019bc1f2a0000001",
-                                    timestamp_ms=int(NOW.timestamp() * 1000), pcrs={0: b"\x01" * 48},
+                                    timestamp_ms=int(NOW.timestamp() * 1000), pcrs={i: b"\x01" * 48 for i in range(3)},
                                     public_key=None, user_data=b"u", nonce=b"n")
     local = TrustRoot.from_certificate(pki.root.certificate)
     assert verify(doc, [local], NOW).user_data == b"u"
@@ -262,6 +275,85 @@ def test_not_yet_valid_chain_is_refused() -> None:
     with pytest.raises(VerificationError) as exc:
         verify(sign_document(chain), [_root(chain)], NOW - timedelta(days=3))
     assert _rule(exc) == "certificate-validity"
+
+
+def test_certificate_signed_ecdsa_with_sha256_is_refused() -> None:
+    chain = make_chain(sha256_signed=frozenset({"zonal"}))
+    with pytest.raises(VerificationError) as exc:
+        verify(sign_document(chain), [_root(chain)], NOW)
+    assert _rule(exc) == "certificate-algorithm" and "zonal" in str(exc.value)
+
+
+def test_leaf_signed_ecdsa_with_sha256_is_refused() -> None:
+    chain = make_chain(sha256_signed=frozenset({"leaf"}))
+    with pytest.raises(VerificationError) as exc:
+        verify(sign_document(chain), [_root(chain)], NOW)
+    assert _rule(exc) == "certificate-algorithm" and "leaf" in str(exc.value)
+
+
+def test_issuer_key_not_on_p384_is_refused() -> None:
+    chain = make_chain(ca_curves={"instance": ec.SECP256R1()})
+    with pytest.raises(VerificationError) as exc:
+        verify(sign_document(chain), [_root(chain)], NOW)
+    assert _rule(exc) == "certificate-algorithm" and "no P-384 key" in str(exc.value)
+
+
+def test_root_without_key_cert_sign_is_refused() -> None:
+    chain = make_chain({"root": replace(PROFILES["root"], key_usage=frozenset({"digital_signature", "crl_sign"}))})
+    with pytest.raises(VerificationError) as exc:
+        verify(sign_document(chain), [_root(chain)], NOW)
+    assert _rule(exc) == "key-usage" and "root" in str(exc.value)
+
+
+@pytest.mark.parametrize("window", [
+    (NOW - timedelta(days=30), NOW - timedelta(seconds=1)),  # expired
+    (NOW + timedelta(seconds=1), NOW + timedelta(days=30)),  # not yet valid
+])
+def test_root_outside_its_validity_is_refused(window: tuple[datetime, datetime]) -> None:
+    chain = make_chain(validity={"root": window})
+    with pytest.raises(VerificationError) as exc:
+        verify(sign_document(chain), [_root(chain)], NOW)
+    assert _rule(exc) == "certificate-validity" and "the root certificate" in str(exc.value)
+
+
+def test_leaf_without_key_usage_is_refused() -> None:
+    chain = make_chain({"leaf": replace(PROFILES["leaf"], extensions=("basic_constraints",))})
+    assert chain.leaf.certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    with pytest.raises(x509.ExtensionNotFound):
+        chain.leaf.certificate.extensions.get_extension_for_class(x509.KeyUsage)
+    with pytest.raises(VerificationError) as exc:
+        verify(sign_document(chain), [_root(chain)], NOW)
+    assert _rule(exc) == "key-usage" and "leaf" in str(exc.value)
+
+
+def test_certificate_with_a_non_positive_serial_is_a_format_error() -> None:
+    # RFC 5280 4.1.2.2; cryptography only warns about it, and warnings are process-wide state
+    chain = make_chain()
+    leaf = chain.leaf.der
+    serial = leaf.index(b"\xa0\x03\x02\x01\x02") + 5
+    assert leaf[serial] == 0x02
+    mutated = bytearray(leaf)
+    mutated[serial + 2] |= 0x80
+    doc = sign_document(chain)
+    body = cbor.decode(doc)
+    payload = cbor.decode(body[2])
+    payload["certificate"] = bytes(mutated)
+    forged = cbor.encode([body[0], body[1], cbor.encode(payload), body[3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AttestationFormatError) as exc:
+            verify(forged, [_root(chain)], NOW, cache=None)
+    assert _rule(exc) == "certificate-der"
+
+
+def test_verification_does_not_touch_the_warnings_filters() -> None:
+    import enclavekit.attestation.verifier as verifier_module
+
+    assert "warnings" not in vars(verifier_module)  # no catch_warnings: it is process-global, not thread-safe
+    name = DOCS[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verify(fixture_bytes(name), [AWS_ROOT_G1], verify_at(name), ALLOW_DEBUG, cache=None)
 
 
 def test_undecodable_certificate_is_a_format_error() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,14 @@ import pytest
 
 from enclavekit.errors import AttestationFormatError, FormatError
 from enclavekit.formats import cbor
-from enclavekit.formats.attestation_doc import AttestationDocument, parse_document
+from enclavekit.formats.attestation_doc import (
+    MAX_TIMESTAMP,
+    AttestationDocument,
+    describe_certificate,
+    name_text,
+    parse_document,
+    split_certificate,
+)
 
 FIXTURES = Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -114,6 +123,8 @@ def test_describe_is_json_friendly() -> None:
     ({"timestamp": -1}, "timestamp"),
     ({"timestamp": True}, "timestamp"),
     ({"timestamp": "1"}, "timestamp"),
+    ({"timestamp": MAX_TIMESTAMP + 1}, "timestamp"),  # after 9999-12-31: no datetime for it
+    ({"timestamp": 2**64 - 1}, "timestamp"),
     ({"pcrs": {}}, "pcrs"),
     ({"pcrs": [PCR]}, "pcrs"),
     ({"pcrs": {32: PCR}}, "pcrs"),
@@ -166,7 +177,7 @@ def test_malformed_payloads() -> None:
     # only the top-level map may be indefinite
     pcrs_indefinite = good.replace(cbor.encode("pcrs") + b"\xa1", cbor.encode("pcrs") + b"\xbf", 1)
     pcrs_indefinite = pcrs_indefinite.replace(PCR, PCR + b"\xff", 1)
-    assert _refused(pcrs_indefinite) == "pcrs"
+    assert _refused(pcrs_indefinite) == "encoding"
     # nesting deeper than a document ever is
     assert _refused(_payload(user_data=[[[[[1]]]]])) == "payload-cbor"
 
@@ -188,3 +199,101 @@ def test_construction_errors_are_caller_bugs() -> None:
     with pytest.raises(TypeError):
         AttestationDocument.from_payload_bytes("text")  # type: ignore[arg-type]
     assert issubclass(AttestationFormatError, FormatError)
+
+
+# ------------------------------------------------------------------------------------------ inner encoding (3.2)
+
+
+def test_indefinite_inner_items_are_refused() -> None:
+    good = _payload(user_data=b"ud")
+    assert AttestationDocument.from_payload_bytes(good).user_data == b"ud"
+    cases = {
+        # cabundle as 9f ... ff
+        "cabundle": good.replace(cbor.encode("cabundle") + b"\x81" + cbor.encode(CERT),
+                                 cbor.encode("cabundle") + b"\x9f" + cbor.encode(CERT) + b"\xff", 1),
+        # user_data as a chunked byte string 5f 42 "ud" ff
+        "user_data": good.replace(cbor.encode("user_data") + cbor.encode(b"ud"),
+                                  cbor.encode("user_data") + b"\x5f" + cbor.encode(b"ud") + b"\xff", 1),
+        # module_id as a chunked text string 7f ... ff
+        "module_id": good.replace(cbor.encode("module_id") + cbor.encode("i-1-enc1"),
+                                  cbor.encode("module_id") + b"\x7f" + cbor.encode("i-1-enc1") + b"\xff", 1),
+    }
+    for name, payload in cases.items():
+        assert payload != good, name
+        assert cbor.decode(payload) == cbor.decode(good)  # the same values, only the encoding differs
+        assert _refused(payload) == "encoding", name
+    # the top-level map itself may be indefinite (AWS since 2025)
+    assert AttestationDocument.from_payload_bytes(b"\xbf" + good[1:] + b"\xff").indefinite_map
+
+
+# ------------------------------------------------------------------------------------------ timestamps
+
+
+def test_timestamp_datetime_is_exact_up_to_year_9999() -> None:
+    assert _doc(timestamp=MAX_TIMESTAMP).timestamp_datetime == datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    assert _doc(timestamp=1_665_568_682_123).timestamp_datetime == datetime(
+        2022, 10, 12, 9, 58, 2, 123000, tzinfo=UTC)
+    assert AttestationDocument.from_payload_bytes(_payload(timestamp=MAX_TIMESTAMP)).timestamp == MAX_TIMESTAMP
+    assert _doc(timestamp=MAX_TIMESTAMP).describe()["timestamp_iso"] == "9999-12-31T23:59:59.999000Z"
+
+
+# ------------------------------------------------------------------------------------------ describing certificates
+
+
+def _fixture_certificates() -> list[bytes]:
+    doc = AttestationDocument.from_bytes((FIXTURES / DOCS[0]).read_bytes())
+    return [*doc.cabundle, doc.certificate]
+
+
+def test_names_are_read_from_the_der_as_cryptography_prints_them() -> None:
+    from cryptography import x509
+
+    for der in _fixture_certificates():
+        cert = x509.load_der_x509_certificate(der)
+        parts = split_certificate(der)
+        assert parts.subject == cert.subject.public_bytes() and parts.issuer == cert.issuer.public_bytes()
+        assert name_text(parts.subject) == cert.subject.rfc4514_string()
+        assert int.from_bytes(parts.serial, "big") == cert.serial_number and parts.serial_is_positive
+
+
+def _flip(der: bytes, position: int, mask: int = 0x01) -> bytes:
+    out = bytearray(der)
+    out[position] ^= mask
+    return bytes(out)
+
+
+def test_describe_certificate_survives_a_bad_version_byte() -> None:
+    # the repro: byte 944 of aws-debug-2022-10-12.cbor is the leaf's version INTEGER (2 -> 3)
+    data = (FIXTURES / "attestation/aws-debug-2022-10-12.cbor").read_bytes()
+    _, doc = parse_document(_flip(data, 944))
+    summary = describe_certificate(doc.certificate)
+    assert summary["error"] == "not a parsable X.509 certificate (InvalidVersion)"
+
+
+def _certificate_with_country(country: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # building the bad name warns; that is the point of the test
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COUNTRY_NAME, country, _validate=False),
+                          x509.NameAttribute(x509.NameOID.COMMON_NAME, "a+b")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(datetime(2020, 1, 1, tzinfo=UTC))
+            .not_valid_after(datetime(2030, 1, 1, tzinfo=UTC)).sign(key, hashes.SHA384()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_describe_certificate_never_warns() -> None:
+    leaf = _fixture_certificates()[-1]
+    serial = leaf.index(b"\xa0\x03\x02\x01\x02") + 5  # 02 10 <16 bytes>
+    negative_serial = _flip(leaf, serial + 2, 0x80)
+    bad_country = _certificate_with_country("USA")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (cryptography's included) fails the test
+        assert describe_certificate(negative_serial)["error"] == "not a parsable X.509 certificate (ValueError)"
+        summary = describe_certificate(bad_country)
+    assert summary["subject"] == summary["issuer"] == "CN=a\\+b,C=USA"
+    assert summary["serial"] == "1" and summary["not_after"] == "2030-01-01T00:00:00Z"

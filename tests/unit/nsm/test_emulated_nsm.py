@@ -14,9 +14,11 @@ from enclavekit.formats import nsm_messages as m
 from enclavekit.formats.cose import COSESign1
 from enclavekit.formats.nsm_messages import NSMErrorCode
 from enclavekit.nsm.module import (
+    DEFAULT_INSTANCE_ID,
     EmulatedNSM,
     PCRBank,
     extend_digest,
+    instance_id_of,
     make_module_id,
     parent_instance_pcr,
     parent_role_pcr,
@@ -116,6 +118,31 @@ def test_pcr3_is_zero_without_a_role() -> None:
     nsm = FakeNSM(parent_instance_id=INSTANCE_ID)
     assert request(nsm, m.DescribePCRRequest(3)) == m.DescribePCRResponse(True, ZERO)
     assert request(nsm, m.DescribePCRRequest(4)) == m.DescribePCRResponse(True, bytes.fromhex(INSTANCE_PCR4))
+
+
+def test_pcr4_is_never_zero_it_measures_the_module_ids_instance() -> None:
+    # §2.5: PCR4 is non-zero on Nitro; without a configured parent it follows the instance id in module_id
+    named = EmulatedNSM(signer=ThrowawayDocumentSigner(), random_source=SeededRandom(), clock_ms=SteppingClock(),
+                        module_id=f"{INSTANCE_ID}-enc018aa8b8e2285d13")
+    assert named.pcrs()[4].hex() == INSTANCE_PCR4
+    default = EmulatedNSM(signer=ThrowawayDocumentSigner(), random_source=SeededRandom(), clock_ms=SteppingClock())
+    assert default.module_id.startswith(DEFAULT_INSTANCE_ID + "-enc")
+    assert default.pcrs()[4] == parent_instance_pcr(DEFAULT_INSTANCE_ID) != ZERO
+    other = EmulatedNSM(signer=ThrowawayDocumentSigner(), random_source=SeededRandom(), clock_ms=SteppingClock(),
+                        module_id="my-enclave")
+    assert other.pcrs()[4] == parent_instance_pcr(DEFAULT_INSTANCE_ID)
+    # a configured parent wins
+    given = EmulatedNSM(signer=ThrowawayDocumentSigner(), random_source=SeededRandom(), clock_ms=SteppingClock(),
+                        module_id="i-0000000000000000a-enc018aa8b8e2285d13", parent_instance_id=INSTANCE_ID)
+    assert given.pcrs()[4].hex() == INSTANCE_PCR4
+    assert payload_of(default.attestation().document)["pcrs"][4] != ZERO  # type: ignore[index]
+
+
+def test_instance_id_of_module_ids() -> None:
+    assert instance_id_of("i-0918f6c55e3b61d89-enc018aa8b8e2285d13") == "i-0918f6c55e3b61d89"
+    assert instance_id_of("i-12345678-enc1") == "i-12345678"
+    for other in ("my-enclave", "i-123-enc1", "i-0918f6c55e3b61d89", "x-i-12345678-enc1"):
+        assert instance_id_of(other) is None
 
 
 @pytest.mark.parametrize(("measurements", "error"), [
