@@ -60,4 +60,5 @@ def test_docs_error_table_matches_the_code() -> None:
     from enclavekit.cli.explain import markdown_table
 
     doc = Path(__file__).resolve().parents[3] / "docs" / "errors.md"
-    assert doc.read_text(encoding="utf-8") == markdown_table(), "regenerate: enclavekit explain --markdown > docs/errors.md"
+    expected = markdown_table()
+    assert doc.read_text(encoding="utf-8") == expected, "regenerate: enclavekit explain --markdown > docs/errors.md"

@@ -1,0 +1,923 @@
+"""The enclave supervisor: one detached process per enclave, like nitro-cli's "enclave process" (spec §3.1, §3.11).
+
+``run-enclave`` calls :func:`launch`, which starts ``python -m enclavekit.runtime.supervisor REPORT_FD`` in a new
+session; that process reads the :class:`RunRequest` on stdin and forks once more (double fork), so the supervisor
+is nobody's child and outlives the CLI.  The supervisor then, in order:
+
+1. reads the EIF, checks its CRC (E35) and, if it is signed, its signature (E59), and measures it (§1.7, §2.2);
+2. reserves an enclave id, a unique name and a CID in the registry (:mod:`enclavekit.runtime.registry`);
+3. draws memory and CPUs from the allocator's pool (nitro-cli's E20–E27);
+4. creates the enclave's vsock channel directory and starts *this enclave's* NSM on ``<run>/<id>/nsm.sock``
+   (image PCRs from step 1, PCR3/PCR4 from the parent identity, debug mode zeroing the image PCRs), and its
+   heartbeat listener on ``<run>/<id>/heartbeat.sock`` (§3.8: the enclave's (3, 9000); one path per enclave, so
+   parallel launches cannot race as they do with nitro-cli, aws-nitro-enclaves-cli#516);
+5. unpacks the EIF's ramdisks into the sandbox's memory-only root: ``rootfs/`` becomes ``/``; ``cmd``, ``env``
+   (and ``workdir``/``user`` when present) define the application; the bootstrap ``init`` and ``nsm.ko`` are
+   measured but never executed;
+6. starts the sandbox with the NSM socket bound at ``/run/enclavekit/nsm.sock``, the heartbeat at the enclave's
+   (3, 9000) and the parent's current vsock listeners at theirs, and waits until the application runs (and, when
+   the sandbox's PID 1 sends it, for the 0xB7 heartbeat); an application that cannot start, or exits within
+   :data:`BOOT_SETTLE_SECONDS`, is E36 with the last console lines;
+7. reports ``EnclaveRunInfo`` to the CLI, then serves the control socket (describe, terminate, console) and
+   copies the console to ``<run>/<id>/console.log`` until the enclave ends or is terminated;
+8. cleans up: the sandbox (processes, cgroup, mounts), the NSM and heartbeat sockets, the control socket, the
+   vsock directory, the allocation.  The console log stays.
+
+If the supervisor itself is killed (even with SIGKILL) the sandbox dies with it (its launcher and PID 1 have
+``PR_SET_PDEATHSIG``), and the next registry reader finds the stale record and cleans up after it
+(:func:`clean_stale`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from enclavekit.attestation.issuer import DocumentIssuer
+from enclavekit.attestation.pki import LocalPKI
+from enclavekit.errors import (
+    ConfigError,
+    EIFFormatError,
+    EnclaveKitError,
+    FileOperationError,
+    FormatError,
+    SandboxBootError,
+)
+from enclavekit.formats.cpio import MAGIC as CPIO_MAGIC
+from enclavekit.formats.cpio import iter_members
+from enclavekit.formats.eif import SectionType
+from enclavekit.image.describe import describe_info
+from enclavekit.image.eif_reader import EIFInfo, measure_eif
+from enclavekit.image.signing import verify_eif_signature
+from enclavekit.nsm.module import EmulatedNSM
+from enclavekit.nsm.server import NSMServer
+from enclavekit.runtime.allocator import AllocationLedger
+from enclavekit.runtime.console import ConsoleRecorder, tail_lines
+from enclavekit.runtime.control import ControlServer, Request, encode_reply
+from enclavekit.runtime.registry import (
+    PARENT_CID,
+    EnclaveRecord,
+    Registry,
+    default_enclave_name,
+    read_instance_id,
+)
+from enclavekit.runtime.sandbox import Sandbox, SandboxProcess, SandboxSpec
+
+__all__ = [
+    "BOOT_SETTLE_SECONDS",
+    "HEARTBEAT_BYTE",
+    "HEARTBEAT_PORT",
+    "INSIDE_NSM_SOCKET",
+    "INSIDE_VSOCK_DIR",
+    "PARENT_CONFIG",
+    "RunRequest",
+    "ApplicationSpec",
+    "boot_timeout",
+    "read_application",
+    "unpack_rootfs",
+    "load_parent_identity",
+    "launch",
+    "clean_stale",
+    "main",
+]
+
+# §3.8: init writes 0xB7 to (3, 9000) and expects it echoed.
+HEARTBEAT_BYTE = 0xB7
+HEARTBEAT_PORT = 9000
+_TIMEOUT_UNIT_S = 90.0  # TIMEOUT_MINUTE_MS
+# An application that exits within this window after its exec is a boot failure (E36).
+BOOT_SETTLE_SECONDS = 0.1
+INSIDE_RUN_DIR = "/run/enclavekit"
+INSIDE_NSM_SOCKET = f"{INSIDE_RUN_DIR}/nsm.sock"
+INSIDE_VSOCK_DIR = f"{INSIDE_RUN_DIR}/vsock"
+DEFAULT_PATH = "/sbin:/usr/sbin:/bin:/usr/bin"  # §3.10 step 3: init's PATH
+PARENT_CONFIG = "parent.json"
+_SMALL_FILE_MAX = 1 << 20  # cmd, env, workdir, user, etc/passwd, etc/group
+_CONSOLE_TAIL_LINES = 20
+_GIB = 1024 ** 3
+
+
+# ---------------------------------------------------------------- requests
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``run-enclave`` asks for (already parsed and checked by the CLI)."""
+
+    eif_path: str
+    memory_mib: int
+    cpu_count: int | None = None
+    cpu_ids: tuple[int, ...] | None = None
+    enclave_cid: int | None = None
+    debug_mode: bool = False
+    enclave_name: str | None = None
+    parent_role_arn: str | None = None
+    parent_instance_id: str | None = None
+    run_dir: str = "/run/enclavekit"
+    state_home: str = "/var/lib/enclavekit"
+    owner_uid: int = 0
+    boot_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cpu_count is None) == (self.cpu_ids is None):
+            raise ValueError("give exactly one of cpu_count and cpu_ids")
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cpu_ids"] = list(self.cpu_ids) if self.cpu_ids is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RunRequest:
+        if not isinstance(obj, dict):
+            raise ValueError("run request must be an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise ValueError(f"unknown run request fields {sorted(unknown)}")
+        kwargs = dict(obj)
+        if kwargs.get("cpu_ids") is not None:
+            kwargs["cpu_ids"] = tuple(kwargs["cpu_ids"])
+        return cls(**kwargs)
+
+
+def boot_timeout(eif_size: int, memory_mib: int) -> float:
+    """§3.8 ``calculate_necessary_timeout``: 90 s per started 6 GiB of image plus 90 s per started 100 GiB."""
+    eif_units = max(1, -(-eif_size // (6 * _GIB)))
+    mem_units = max(1, -(-(memory_mib * 1024 * 1024) // (100 * _GIB)))
+    return _TIMEOUT_UNIT_S * (eif_units + mem_units)
+
+
+def load_parent_identity(state_home: Path) -> tuple[str | None, str | None]:
+    """``(role ARN, instance id)`` from ``<state dir>/parent.json`` (``{"role_arn": ..., "instance_id": ...}``).
+
+    Missing file: ``(None, None)``.  These give PCR3/PCR4 when run-enclave has no ``--parent-*`` flags.
+    """
+    path = state_home / PARENT_CONFIG
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        raise FileOperationError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not JSON") from exc
+    if not isinstance(obj, dict) or set(obj) - {"role_arn", "instance_id"}:
+        raise ConfigError(f"{path}: expected an object with role_arn and/or instance_id")
+    role, inst = obj.get("role_arn"), obj.get("instance_id")
+    if not all(v is None or (isinstance(v, str) and 0 < len(v) <= 2048) for v in (role, inst)):
+        raise ConfigError(f"{path}: role_arn and instance_id must be non-empty strings")
+    return role, inst
+
+
+# ---------------------------------------------------------------- the application inside the EIF
+
+@dataclass(frozen=True)
+class ApplicationSpec:
+    """The application defined by the customer ramdisk: ``cmd`` lines, ``env`` lines, workdir and user."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    workdir: str = "/"
+    uid: int = 0
+    gid: int = 0
+
+
+def _ramdisks(info: EIFInfo) -> tuple[Any, ...]:
+    return info.sections_of(SectionType.RAMDISK)
+
+
+class _SectionReader(io.RawIOBase):
+    """A read-only view of one section's data in the EIF file (``iter_members`` reads from it)."""
+
+    def __init__(self, f: IO[bytes], offset: int, size: int) -> None:
+        self._f, self._offset, self._size, self._pos = f, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._offset + self._pos)
+        data = self._f.read(n)
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[Any, Iterator[bytes]]]:
+    for section in _ramdisks(info):
+        f.seek(section.data_offset)
+        if section.size < 6 or f.read(6) != CPIO_MAGIC:
+            raise EIFFormatError(f"ramdisk section {section.index} is not an uncompressed newc cpio archive")
+        reader = io.BufferedReader(_SectionReader(f, section.data_offset, section.size), 1 << 20)
+        try:
+            yield from iter_members(reader, section.size)
+        except FormatError as exc:
+            raise EIFFormatError(f"ramdisk section {section.index}: {exc}") from exc
+
+
+def _norm(name: str) -> list[str] | None:
+    """cpio name → path components (``./`` and leading ``/`` tolerated); None if it climbs out."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        return None
+    return parts
+
+
+def _lookup_id(table: str | None, name: str, field_index: int) -> int | None:
+    for line in (table or "").splitlines():
+        fields = line.split(":")
+        if len(fields) > field_index and fields[0] == name and fields[field_index].isdigit():
+            return int(fields[field_index])
+    return None
+
+
+def read_application(f: IO[bytes], info: EIFInfo) -> ApplicationSpec:
+    """Find ``cmd``, ``env``, ``workdir`` and ``user`` in the ramdisks (§3.10 step 4) and resolve the user."""
+    small: dict[str, str] = {}
+    wanted = {"cmd", "env", "workdir", "user", "rootfs/etc/passwd", "rootfs/etc/group"}
+    for member, chunks in _members(f, info):
+        parts = _norm(member.name)
+        key = "/".join(parts or [])
+        if key in wanted and stat.S_ISREG(member.mode):
+            if member.size > _SMALL_FILE_MAX:
+                raise EIFFormatError(f"{key} in the ramdisk is {member.size} bytes; at most {_SMALL_FILE_MAX}")
+            small[key] = b"".join(chunks).decode("utf-8", errors="replace")
+    if "cmd" not in small:
+        raise EIFFormatError("the EIF's ramdisks hold no cmd file: there is no application to run")
+    argv = tuple(line for line in small["cmd"].split("\n") if line)
+    if not argv:
+        raise EIFFormatError("the EIF's cmd file is empty")
+    env: dict[str, str] = {}
+    for line in small.get("env", "").split("\n"):
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if sep and key:
+            env[key] = value
+    env.setdefault("PATH", DEFAULT_PATH)
+    workdir = (small.get("workdir", "").strip() or "/")
+    if not workdir.startswith("/") or _norm(workdir) is None:
+        raise EIFFormatError(f"the EIF's workdir {workdir[:60]!r} is not an absolute path")
+    workdir = "/" + "/".join(_norm(workdir) or [])
+    uid = gid = 0
+    user = small.get("user", "").strip()
+    if user:
+        uname, _, gname = user.partition(":")
+        u = int(uname) if uname.isdigit() else _lookup_id(small.get("rootfs/etc/passwd"), uname, 2)
+        if u is None:
+            raise EIFFormatError(f"the EIF's user {uname[:40]!r} is not in the image's /etc/passwd")
+        uid = u
+        if gname:
+            g = int(gname) if gname.isdigit() else _lookup_id(small.get("rootfs/etc/group"), gname, 2)
+            if g is None:
+                raise EIFFormatError(f"the EIF's group {gname[:40]!r} is not in the image's /etc/group")
+            gid = g
+        else:
+            g = _lookup_id(small.get("rootfs/etc/passwd"), uname, 3) if not uname.isdigit() else None
+            gid = g if g is not None else uid
+    if not (0 <= uid < 65536 and 0 <= gid < 65536):
+        raise EIFFormatError(f"the EIF's user {user[:40]!r} maps to ids outside 0..65535")
+    return ApplicationSpec(argv=argv, env=env, workdir=workdir, uid=uid, gid=gid)
+
+
+def _safe_parent(root: Path, parts: list[str]) -> Path:
+    """The directory for ``parts[:-1]`` under ``root``, created as needed; refuses to pass through symlinks."""
+    current = root
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise EIFFormatError(f"ramdisk entry passes through {'/'.join(parts[:-1])!r}, which is not a directory")
+    return current
+
+
+def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
+    """Write the ramdisks' ``rootfs/`` tree into ``root`` (the sandbox's tmpfs); returns the entry count.
+
+    Names that climb out (``..``), entries below a symlink and device nodes are refused or skipped: the tree is
+    written by root on the host, so nothing in it may point the writes elsewhere.
+    """
+    count = 0
+    links: dict[tuple[int, int], Path] = {}  # (ramdisk-local ino, nlink) → first path holding the data
+    pending: dict[int, list[Path]] = {}
+    for member, chunks in _members(f, info):
+        parts = _norm(member.name)
+        if parts is None:
+            raise EIFFormatError(f"ramdisk entry {member.name[:80]!r} climbs out of the root")
+        if not parts or parts[0] != "rootfs":
+            continue
+        parts = parts[1:]
+        if not parts:
+            os.chmod(root, member.permissions or 0o755)
+            continue
+        parent = _safe_parent(root, parts)
+        target = parent / parts[-1]
+        kind = member.file_type
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(target)
+            if stat.S_ISDIR(st.st_mode) and kind == stat.S_IFDIR:
+                os.chmod(target, member.permissions)
+                os.lchown(target, member.uid, member.gid)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                raise EIFFormatError(f"ramdisk entry {member.name[:80]!r} replaces a directory")
+            os.unlink(target)
+        if kind == stat.S_IFDIR:
+            os.mkdir(target, 0o700)
+        elif kind == stat.S_IFREG:
+            key = member.ino
+            if member.nlink > 1 and member.size == 0 and key in links:
+                os.link(links[key], target)
+            elif member.nlink > 1 and member.size == 0:
+                pending.setdefault(key, []).append(target)
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            else:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in chunks:
+                        out.write(chunk)
+                if member.nlink > 1:
+                    links[key] = target
+                    for other in pending.pop(key, []):
+                        os.unlink(other)
+                        os.link(target, other)
+        elif kind == stat.S_IFLNK:
+            os.symlink(b"".join(chunks).decode("utf-8", "surrogateescape"), target)
+            os.lchown(target, member.uid, member.gid)
+            count += 1
+            continue
+        elif kind == stat.S_IFIFO:
+            os.mkfifo(target, 0o600)
+        else:
+            continue  # device nodes and sockets: the sandbox provides its own /dev
+        os.lchown(target, member.uid, member.gid)
+        os.chmod(target, member.permissions)
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------- CLI side
+
+def _spawn_by_exec(request: RunRequest, report_w: int) -> None:
+    """A fresh interpreter (``python -m enclavekit.runtime.supervisor``) that double-forks the supervisor."""
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "enclavekit.runtime.supervisor", str(report_w)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(report_w,), start_new_session=True, close_fds=True, cwd="/")
+    except OSError as exc:
+        raise EnclaveKitError(f"cannot start the enclave supervisor: {exc.strerror or exc}", code="E05") from exc
+    assert proc.stdin is not None
+    with contextlib.suppress(OSError):
+        proc.stdin.write(json.dumps(request.to_json()).encode() + b"\n")
+        proc.stdin.close()
+    # the intermediate process exits as soon as it has forked the supervisor (double fork)
+    if proc.wait() != 0:
+        raise EnclaveKitError("the enclave supervisor could not detach", code="E06")
+
+
+def _spawn_by_fork(request: RunRequest, report_w: int) -> None:
+    """Double fork of this (single-threaded) process: the supervisor starts with every module already imported."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        raise EnclaveKitError(f"cannot fork the enclave supervisor: {exc.strerror or exc}", code="E05") from exc
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _detach_stdio()
+            os.closerange(3, report_w)
+            os.closerange(report_w + 1, _max_fd())
+            code = _run_detached(request, _Reporter(report_w))
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise EnclaveKitError("the enclave supervisor could not detach", code="E06")
+
+
+def _max_fd() -> int:
+    try:
+        return int(os.sysconf("SC_OPEN_MAX"))
+    except (ValueError, OSError):  # pragma: no cover
+        return 1024
+
+
+def _detach_stdio() -> None:
+    """stdin, stdout and stderr on /dev/null: the supervisor must not hold the CLI's pipes open."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+def launch(request: RunRequest, *, on_stderr: Callable[[str], None] | None = None,
+           timeout: float | None = None) -> dict[str, Any]:
+    """Start a supervisor for ``request`` and wait for its report; returns ``EnclaveRunInfo`` or raises.
+
+    A single-threaded caller (the CLI) forks the supervisor directly, saving an interpreter start; otherwise a
+    fresh interpreter is started (forking a threaded process is unsafe).
+    """
+    report_r, report_w = os.pipe()
+    try:
+        if threading.active_count() == 1:
+            _spawn_by_fork(request, report_w)
+        else:
+            _spawn_by_exec(request, report_w)
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
+    limit = timeout if timeout is not None else (request.boot_timeout or 180.0) + 60.0
+    deadline = time.monotonic() + limit
+    buf = b""
+    with os.fdopen(report_r, "rb", buffering=0) as report:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EnclaveKitError(f"the enclave supervisor did not report within {limit:g} s", code="E39")
+            if not select.select([report], [], [], remaining)[0]:
+                continue
+            chunk = report.read(65536)
+            if not chunk:
+                raise EnclaveKitError("the enclave supervisor exited without reporting", code="E39")
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "stderr" in msg:
+                    if on_stderr is not None:
+                        on_stderr(str(msg["stderr"]))
+                elif "ok" in msg:
+                    result: dict[str, Any] = msg["ok"]
+                    return result
+                elif "error" in msg:
+                    err = msg["error"]
+                    raise EnclaveKitError(str(err.get("message", "?")), code=str(err.get("code", "E36")),
+                                          details={str(k): str(v) for k, v in (err.get("details") or {}).items()})
+
+
+# ---------------------------------------------------------------- cleanup (shared with the registry readers)
+
+def _remove_cgroup_dirs(dirs: Iterable[str]) -> None:
+    """Kill what is left in an enclave's cgroup directories and remove them (only enclavekit's own groups)."""
+    for d in dirs:
+        path = Path(d)
+        if not path.name.startswith("enclavekit-") or not str(path).startswith("/sys/fs/cgroup/"):
+            continue
+        for _ in range(50):
+            try:
+                pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+            except OSError:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+def clean_stale(registry: Registry, state_home: Path) -> list[EnclaveRecord]:
+    """Clean up after every enclave whose supervisor is gone: cgroups, allocation, sockets, vsock directory."""
+    ledger = AllocationLedger(state_home)
+
+    def release(rec: EnclaveRecord) -> None:
+        _remove_cgroup_dirs(rec.cgroup_dirs)
+        with contextlib.suppress(EnclaveKitError):
+            ledger.release(rec.enclave_id)
+
+    return registry.clean_stale(release)
+
+
+# ---------------------------------------------------------------- the supervisor process
+
+class _Reporter:
+    """JSON lines to the CLI on the report pipe; silently gone once the CLI stopped listening."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def send(self, **msg: Any) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, json.dumps(msg).encode() + b"\n")
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def _boot_error(message: str, console: Path, *, code: str = "E36") -> EnclaveKitError:
+    lines = tail_lines(console, _CONSOLE_TAIL_LINES)
+    details = {"console": "\n".join(lines)} if lines else {}
+    details["console log"] = str(console)
+    return EnclaveKitError(message, code=code, details=details)
+
+
+class _Heartbeat:
+    """The enclave's (3, 9000) listener (§3.8): accept, read 0xB7, echo it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        path.chmod(0o600)
+        self.sock.listen(4)
+
+    def wait(self, timeout: float, alive: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            if not alive():
+                raise ChildProcessError
+            if not select.select([self.sock], [], [], min(remaining, 0.1))[0]:
+                continue
+            conn, _ = self.sock.accept()
+            with conn:
+                conn.settimeout(max(0.1, deadline - time.monotonic()))
+                # Firecracker's handshake first (the enclave connects to (3, 9000) like any vsock peer)
+                line = b""
+                while not line.endswith(b"\n") and len(line) < 32:
+                    c = conn.recv(1)
+                    if not c:
+                        break
+                    line += c
+                if line.strip() != f"CONNECT {HEARTBEAT_PORT}".encode():
+                    continue
+                conn.sendall(b"OK 1073741824\n")
+                data = conn.recv(1)
+                if data != bytes([HEARTBEAT_BYTE]):
+                    continue
+                conn.sendall(bytes([HEARTBEAT_BYTE]))
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _sandbox_supports(field_name: str) -> bool:
+    return field_name in {f.name for f in dataclasses.fields(SandboxSpec)}
+
+
+class Supervisor:
+    """One enclave's life; :meth:`run` never returns normally (the process exits when the enclave is gone)."""
+
+    def __init__(self, request: RunRequest, reporter: _Reporter) -> None:
+        self.req = request
+        self.reporter = reporter
+        self.registry = Registry(Path(request.run_dir))
+        self.state_home = Path(request.state_home)
+        self.ledger = AllocationLedger(self.state_home)
+        self.record: EnclaveRecord | None = None
+        self.allocated = False
+        self.nsm_server: NSMServer | None = None
+        self.heartbeat: _Heartbeat | None = None
+        self.sandbox: SandboxProcess | None = None
+        self.recorder: ConsoleRecorder | None = None
+        self.control: ControlServer | None = None
+        self.terminate_requested = threading.Event()
+        self.terminate_via_control = threading.Event()
+        self.cleaned = threading.Event()
+        self.replied = threading.Event()
+        self._record_lock = threading.Lock()
+
+    # ---- set-up
+
+    def _measure(self) -> tuple[EIFInfo, dict[str, Any]]:
+        path = self.req.eif_path
+        try:
+            with open(path, "rb") as f:
+                info = measure_eif(f)
+        except OSError as exc:
+            raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}",
+                                     details={"File": path, "failing operation": "Read"}) from exc
+        if not info.crc_ok:
+            raise EIFFormatError(f"the EIF {path} is corrupt: its CRC32 does not match its contents "
+                                 f"(header {info.header.eif_crc32:#010x}, computed {info.computed_crc:#010x})")
+        if info.is_signed:
+            verify_eif_signature(info, datetime.now(UTC))
+        described = describe_info(info)
+        extra: dict[str, Any] = {k: described[k] for k in ("ImageName", "ImageVersion", "Metadata") if k in described}
+        return info, extra
+
+    def _start_nsm(self, record: EnclaveRecord, info: EIFInfo) -> None:
+        role, instance = self.req.parent_role_arn, self.req.parent_instance_id
+        if role is None or instance is None:
+            cfg_role, cfg_instance = load_parent_identity(self.state_home)
+            role = role if role is not None else cfg_role
+            instance = instance if instance is not None else cfg_instance
+        pki = LocalPKI.open(self.state_home, now=datetime.now(UTC))
+        measurements: dict[int | str, bytes | str] = {}
+        measurements.update(info.measurements.to_json())
+        nsm = EmulatedNSM(signer=DocumentIssuer(pki), random_source=os.urandom,
+                          clock_ms=lambda: time.time_ns() // 1_000_000, module_id=record.enclave_id,
+                          measurements=measurements, parent_role_arn=role,
+                          parent_instance_id=instance, debug_mode=self.req.debug_mode)
+        server = NSMServer(nsm, self.registry.nsm_path(record.enclave_id), idle_timeout=None)
+        server.start()
+        self.nsm_server = server
+
+    def _sockets(self, record: EnclaveRecord) -> dict[str, str]:
+        socks = {str(self.registry.nsm_path(record.enclave_id)): INSIDE_NSM_SOCKET,
+                 str(self.registry.heartbeat_path(record.enclave_id)):
+                     f"{INSIDE_VSOCK_DIR}/{PARENT_CID}/{HEARTBEAT_PORT}.sock"}
+        # the parent's current listeners, each at its (3, port) path inside
+        parent_dir = self.registry.vsock_root / str(PARENT_CID)
+        with contextlib.suppress(OSError):
+            for entry in sorted(os.listdir(parent_dir)):
+                port, _, ext = entry.partition(".")
+                if ext != "sock" or not port.isdigit() or int(port) == HEARTBEAT_PORT:
+                    continue
+                host = parent_dir / entry
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.lstat(host).st_mode):
+                        socks[str(host)] = f"{INSIDE_VSOCK_DIR}/{PARENT_CID}/{entry}"
+        return socks
+
+    def setup(self) -> EnclaveRecord:
+        req = self.req
+        info, extra = self._measure()
+        name = req.enclave_name or default_enclave_name(req.eif_path)
+        slot_uid = int.from_bytes(os.urandom(8), "big") >> 4 | (1 << 56)
+        record = self.registry.reserve(
+            name=name, cid=req.enclave_cid, owner_pid=os.getpid(), slot_uid=slot_uid,
+            instance_id=read_instance_id(), owner_uid=req.owner_uid, memory_mib=req.memory_mib,
+            debug_mode=req.debug_mode, measurements=info.measurements.to_json(), metadata=extra or None,
+            eif_path=os.path.abspath(req.eif_path))
+        self.record = record
+        enclave_dir = self.registry.enclave_dir(record.enclave_id)
+        # the supervisor's own diagnostics (tracebacks) go next to the console log
+        log_fd = os.open(enclave_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        self.reporter.send(stderr="Start allocating memory...")
+        alloc = self.ledger.allocate(record.enclave_id, req.memory_mib, cpu_count=req.cpu_count,
+                                     cpu_ids=req.cpu_ids, eif_size=info.file_size)
+        self.allocated = True
+        record = self._update(cpu_ids=alloc.cpu_ids, memory_mib=alloc.memory_mib)
+        (self.registry.vsock_root / str(record.cid)).mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._start_nsm(record, info)
+        self.heartbeat = _Heartbeat(self.registry.heartbeat_path(record.enclave_id))
+        console_path = self.registry.console_path(record.enclave_id)
+        self.recorder = ConsoleRecorder(console_path)
+        with open(req.eif_path, "rb") as f:
+            app = read_application(f, info)
+        env = dict(app.env)
+        env.update({"ENCLAVEKIT_NSM_SOCKET": INSIDE_NSM_SOCKET, "ENCLAVEKIT_VSOCK_DIR": INSIDE_VSOCK_DIR,
+                    "ENCLAVEKIT_VSOCK_CID": str(record.cid)})
+        eif_path = req.eif_path
+
+        def populate(root: Path) -> None:
+            with open(eif_path, "rb") as f:
+                unpack_rootfs(f, info, root)
+            for d in (INSIDE_RUN_DIR, INSIDE_VSOCK_DIR, f"{INSIDE_VSOCK_DIR}/{record.cid}"):
+                target = root / d.lstrip("/")
+                with contextlib.suppress(FileExistsError):
+                    target.mkdir(mode=0o755, parents=True)
+                os.chown(target, app.uid, app.gid)
+
+        options: dict[str, Any] = {}
+        if _sandbox_supports("heartbeat"):
+            options["heartbeat"] = f"{INSIDE_VSOCK_DIR}/{PARENT_CID}/{HEARTBEAT_PORT}.sock"
+        spec = SandboxSpec(argv=app.argv, rootfs=populate, memory_mib=alloc.memory_mib, env=env,
+                           workdir=app.workdir, uid=app.uid, gid=app.gid, cpu_ids=alloc.cpu_ids,
+                           sockets=self._sockets(record), name=f"enclavekit-{record.enclave_id.rsplit('-enc', 1)[1]}",
+                           **options)
+        try:
+            self.sandbox = Sandbox.start(spec, stage_parent=enclave_dir)
+        except SandboxBootError as exc:
+            text = exc.details.get("console", "")
+            if text:
+                self.recorder.write(text.encode() + b"\n")
+            self.recorder.write(f"[enclavekit] {exc.message}\n".encode())
+            raise _boot_error(f"the enclave did not boot: {exc.message}", console_path) from exc
+        record = self._update(cgroup_dirs=tuple(str(d) for d in self.sandbox.cgroup.dirs))
+        self.recorder.start(os.dup(self.sandbox.console.fileno()))
+        # §3.8: wait for the heartbeat when PID 1 sends one
+        sandbox = self.sandbox
+
+        def alive() -> bool:
+            return sandbox.returncode is None
+
+        if options:
+            limit = req.boot_timeout or boot_timeout(info.file_size, alloc.memory_mib)
+            try:
+                self.heartbeat.wait(limit, alive)
+            except TimeoutError:
+                raise _boot_error(f"no heartbeat from the enclave within {limit:g} s", console_path) from None
+            except ChildProcessError:
+                pass  # reported below with the exit status
+        # an application that exits at once did not boot
+        deadline = time.monotonic() + BOOT_SETTLE_SECONDS
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not alive():
+            status = self.sandbox.returncode
+            self.recorder.wait(1.0)
+            raise _boot_error(f"the enclave's application exited at boot with status {status}", console_path)
+        self.control = ControlServer(self.registry.control_path(record.enclave_id), self._handle,
+                                     owner_uid=req.owner_uid)
+        self.control.start()
+        return self._update(state="RUNNING")
+
+    def _update(self, **changes: Any) -> EnclaveRecord:
+        with self._record_lock:
+            assert self.record is not None
+            self.record = self.registry.update(self.record, **changes)
+            return self.record
+
+    # ---- control requests
+
+    def _handle(self, req: Request, uid: int, conn: socket.socket) -> Any:
+        record = self.record
+        assert record is not None
+        if req.op == "ping":
+            return {"EnclaveID": record.enclave_id}
+        if req.op == "describe":
+            return record.describe(metadata=bool(req.args.get("metadata")))
+        if req.op == "terminate":
+            self.terminate_via_control.set()
+            self.terminate_requested.set()
+            self.cleaned.wait(30.0)
+            # reply here, then let the process end (the main thread waits for this reply to leave)
+            try:
+                conn.sendall(encode_reply({"EnclaveName": record.name, "EnclaveID": record.enclave_id,
+                                           "Terminated": True}))
+            finally:
+                conn.close()
+                self.replied.set()
+            return ControlServer.DETACHED
+        if req.op == "console":
+            if not record.debug_mode:
+                raise EnclaveKitError("The enclave was not started with the debug flag set, include "
+                                      "'--debug-mode' in the run-enclave command", code="E44")
+            assert self.recorder is not None
+            conn.sendall(encode_reply({"EnclaveCID": record.cid}))
+            self.recorder.serve_follower(conn)
+            return ControlServer.DETACHED
+        raise EnclaveKitError(f"unknown operation {req.op}", code="E14")  # pragma: no cover
+
+    # ---- life and death
+
+    def serve(self) -> None:
+        assert self.sandbox is not None
+        while not self.terminate_requested.is_set():
+            try:
+                self.sandbox.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.record is not None:
+            with contextlib.suppress(EnclaveKitError, OSError):
+                self._update(state="TERMINATING")
+
+    def cleanup(self) -> None:
+        """Release everything; idempotent and never raises (it runs on every exit path)."""
+        steps: list[Callable[[], None]] = []
+        if self.control is not None:
+            steps.append(self.control.close)
+        if self.sandbox is not None:
+            steps.append(self.sandbox.close)
+        if self.recorder is not None:
+            recorder = self.recorder
+
+            def close_console() -> None:
+                recorder.wait(2.0)
+                recorder.close()
+
+            steps.append(close_console)
+        if self.nsm_server is not None:
+            steps.append(self.nsm_server.close)
+        if self.heartbeat is not None:
+            steps.append(self.heartbeat.close)
+        if self.allocated and self.record is not None:
+            enclave_id = self.record.enclave_id
+
+            def release() -> None:
+                self.ledger.release(enclave_id)
+
+            steps.append(release)
+        if self.record is not None:
+            record = self.record
+            steps.append(lambda: self.registry.remove(record))
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # keep cleaning: the rest must still go
+                print(f"cleanup step failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        self.cleaned.set()
+
+
+def _supervise(request: RunRequest, reporter: _Reporter) -> int:
+    sup = Supervisor(request, reporter)
+    signal.signal(signal.SIGTERM, lambda *_: sup.terminate_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: sup.terminate_requested.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        record = sup.setup()
+    except EnclaveKitError as exc:
+        sup.cleanup()
+        reporter.send(error={"code": exc.code, "message": exc.message, "details": exc.details})
+        return 1
+    except BaseException as exc:
+        sup.cleanup()
+        reporter.send(error={"code": "E00", "message": f"internal error: {type(exc).__name__}: {exc}"})
+        return 1
+    reporter.send(stderr=f"Started enclave with enclave-cid: {record.cid}, memory: {record.memory_mib} MiB, "
+                         f"cpu-ids: {list(record.cpu_ids)}")
+    reporter.send(ok=record.run_info())
+    reporter.close()
+    try:
+        sup.serve()
+    finally:
+        sup.cleanup()
+    if sup.terminate_via_control.is_set():
+        sup.replied.wait(5.0)  # the terminate reply leaves before the process ends
+    return 0
+
+
+def _run_detached(request: RunRequest, reporter: _Reporter) -> int:
+    os.chdir("/")
+    os.umask(0o022)
+    try:
+        return _supervise(request, reporter)
+    except BaseException:  # last resort; already reported where possible
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def _daemonize_and_run(report_fd: int) -> NoReturn:
+    raw = sys.stdin.buffer.readline()
+    reporter = _Reporter(report_fd)
+    try:
+        request = RunRequest.from_json(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        reporter.send(error={"code": "E17", "message": f"bad run request: {exc}"})
+        os._exit(1)
+    # double fork: the CLI waits for this process; the supervisor below is nobody's child
+    if os.fork() != 0:
+        os._exit(0)
+    _detach_stdio()
+    os._exit(_run_detached(request, reporter))
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        sys.stderr.write("usage: python -m enclavekit.runtime.supervisor REPORT_FD < request.json\n")
+        os._exit(2)
+    _daemonize_and_run(int(args[0]))
+
+
+if __name__ == "__main__":
+    main()
