@@ -212,7 +212,7 @@ def _entries() -> list[ErrorCode]:
           "Both ends must be enclavekit's vsock emulation (or speak `CONNECT <port>\\n` / `OK <port>\\n`)."),
         e("E78", "VsockProxyAllowlist", "The vsock-proxy allow-list is missing or malformed, or the destination "
           "is not on it.", "Add `{address: HOST, port: PORT}` under `allowlist:` in the --config file."),
-        # ---- E80–E89: the enclave runtime (sandbox, cgroups, seccomp, resource ledger) ----
+        # ---- E80–E83: the enclave runtime (sandbox, cgroups, seccomp, resource ledger) ----
         e("E80", "EnclaveRuntime", "The enclave sandbox could not be set up (namespaces, mounts, root filesystem).",
           "Run as root on Linux with user, PID, mount and network namespaces enabled; read the message."),
         e("E81", "Cgroup", "A control group for the enclave could not be created, limited, joined or removed.",
@@ -222,6 +222,18 @@ def _entries() -> list[ErrorCode]:
           "Check that the kernel supports seccomp filters (CONFIG_SECCOMP_FILTER) for this architecture."),
         e("E83", "ResourceLedger", "The enclave resource ledger (allocations.json in the state directory) is "
           "damaged.", "Terminate all enclaves, then remove allocations.json from the state directory."),
+        # ---- E84–E89: the KMS ----
+        e("E84", "KMSRequest", "The KMS answered with an AWS error (its exception name is in the message).",
+          "Read the exception name: AccessDeniedException names the policy statement and condition that decided."),
+        e("E85", "CMSFormat", "A CiphertextForRecipient (CMS EnvelopedData) is malformed or does not open with the key.",
+          "Check that the envelope was made for this enclave's RSA key (a fresh key per request)."),
+        e("E86", "KMSCiphertext", "A KMS ciphertext blob is malformed, truncated or was altered.",
+          "Use the CiphertextBlob exactly as Encrypt returned it, with the same encryption context."),
+        e("E87", "KeyPolicy", "A key policy document is not valid IAM policy JSON.",
+          "Check Version, Statement, Effect, Principal, Action, Resource and Condition; see docs/kms.md."),
+        e("E88", "KMSStore", "The KMS key store (SQLite data directory or PostgreSQL database) or its root key "
+          "could not be used.", "Check --data-dir / --database-url and the root key (root.key or "
+          "ENCLAVEKIT_KMS_ROOT_KEY)."),
     ]
 
 

@@ -73,7 +73,7 @@ class KMSResult:
 class KMSError(EnclaveKitError):
     """An AWS KMS exception: ``aws_code`` (``NotFoundException``…), HTTP ``status``, a safe message."""
 
-    code = "E00"
+    code = "E84"
 
     def __init__(self, aws_code: str, message: str, *, status: int = 400, audit: AuditInfo | None = None) -> None:
         super().__init__(f"{aws_code}: {message}")
