@@ -225,7 +225,8 @@ def _entries() -> list[ErrorCode]:
         # ---- E84–E89: the KMS ----
         e("E84", "KMSRequest", "The KMS answered with an AWS error (its exception name is in the message).",
           "Read the exception name: AccessDeniedException names the policy statement and condition that decided."),
-        e("E85", "CMSFormat", "A CiphertextForRecipient (CMS EnvelopedData) is malformed or does not open with the key.",
+        e("E85", "CMSFormat", "A CiphertextForRecipient (CMS EnvelopedData) is malformed or does not open "
+          "with the key.",
           "Check that the envelope was made for this enclave's RSA key (a fresh key per request)."),
         e("E86", "KMSCiphertext", "A KMS ciphertext blob is malformed, truncated or was altered.",
           "Use the CiphertextBlob exactly as Encrypt returned it, with the same encryption context."),
