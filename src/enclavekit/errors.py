@@ -37,7 +37,9 @@ __all__ = [
     "UnsafeArchiveEntry",
     "ImageError",
     "ImageSourceError",
+    "ImagePullError",
     "ImageBuildError",
+    "DockerDaemonError",
     "SigningError",
     "SigningCertificateError",
     "SigningKeyError",
@@ -60,6 +62,13 @@ __all__ = [
     "SandboxBootError",
     "CgroupError",
     "SeccompError",
+    "AuditError",
+    "AuditFormatError",
+    "AuditValidationError",
+    "AuditHistoryError",
+    "AuditDeliveryError",
+    "AuditKeyError",
+    "AuditSpoolError",
 ]
 
 
@@ -235,6 +244,23 @@ def _entries() -> list[ErrorCode]:
         e("E88", "KMSStore", "The KMS key store (SQLite data directory or PostgreSQL database) or its root key "
           "could not be used.", "Check --data-dir / --database-url and the root key (root.key or "
           "ENCLAVEKIT_KMS_ROOT_KEY)."),
+        # ---- E90–E99: the audit trail (CloudTrail-format log files, signed digests, delivery, validation) ----
+        e("E90", "AuditTrail", "The audit trail could not be opened or written (state directory, spool, lock).",
+          "Check that the trail's state directory exists, is writable and is not on a full disk."),
+        e("E91", "AuditFormat", "A trail log file, digest file or record is malformed (gzip, JSON, key name).",
+          "The file is corrupt or was not written by a CloudTrail-compatible trail; run `audit validate`."),
+        e("E92", "AuditValidation", "The trail failed validation: a file was modified, deleted, inserted, "
+          "moved or not covered by a digest, or the digest chain is broken.",
+          "Read the report lines marked INVALID; restore the files from a protected copy (Object Lock)."),
+        e("E93", "AuditHistory", "The trail refused to overwrite an existing log or digest file.",
+          "Someone else writes under the same prefix, or the trail's state was reset; use a new prefix."),
+        e("E94", "AuditDelivery", "The trail's object store could not be reached or refused a request.",
+          "Check --endpoint-url, the bucket and the credentials; events stay in the spool meanwhile."),
+        e("E95", "AuditKey", "The trail's signing key is missing, unreadable, has loose permissions, or a "
+          "public key given for validation is not an RSA key.",
+          "Keep the trail's keys/ directory mode 0700 and the key 0600; give a PEM RSA public key."),
+        e("E96", "AuditSpool", "The trail's local spool or delivery state is damaged.",
+          "Do not edit the spool; restore the state directory from a backup or start a new trail."),
     ]
 
 
@@ -338,8 +364,20 @@ class ImageSourceError(ImageError):
     code = "E63"
 
 
+class ImagePullError(ImageSourceError):
+    """A bare image name: enclavekit has no Docker daemon or registry client to pull it."""
+
+    code = "E50"
+
+
 class ImageBuildError(ImageError):
     code = "E48"
+
+
+class DockerDaemonError(ImageError):
+    """An option that needs a Docker daemon (``--docker-dir``): enclavekit has none."""
+
+    code = "E49"
 
 
 class SigningError(ImageError):
@@ -479,3 +517,50 @@ class CgroupError(EnclaveRuntimeError):
 
 class SeccompError(EnclaveRuntimeError):
     code = "E82"
+
+
+class AuditError(EnclaveKitError):
+    """The audit trail (log files, digests, spool, delivery) failed."""
+
+    code = "E90"
+
+
+class AuditFormatError(AuditError):
+    """A trail log file, digest file, record or key name did not parse."""
+
+    code = "E91"
+
+
+class AuditValidationError(AuditError):
+    """Validation of a trail found a failure; ``rule`` names the check and ``location`` the file."""
+
+    code = "E92"
+
+    def __init__(self, message: str, *, rule: str, location: str = "", details: dict[str, str] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.rule = rule
+        self.location = location
+
+
+class AuditHistoryError(AuditError):
+    """The trail refused to overwrite an object that already exists."""
+
+    code = "E93"
+
+
+class AuditDeliveryError(AuditError):
+    """The object store could not be reached or refused a request; ``transient`` ones are retried."""
+
+    code = "E94"
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class AuditKeyError(AuditError):
+    code = "E95"
+
+
+class AuditSpoolError(AuditError):
+    code = "E96"
