@@ -9,6 +9,10 @@ start of the command to the moment the parent has read ``ready``:
   window) until the application inside answers on vsock;
 * plain: the same binary started with ``subprocess.Popen`` on the host, until it answers on the same listener.
 
+The same comparison is then made for a Python application (``PY_APP``: ``enclavekit.sdk.vsock.connect(3, PORT)``
+and ``ready``), in an image whose rootfs is made by ``enclavekit.runtime.pyroot`` from this host's Python; its
+plain start is the host's ``python3`` running the same script.
+
 p50 and p95 over ``--launches`` (default 20) of each; target: enclave p50 <= 3 x plain p50.  Needs root (the
 sandbox) and gcc.  Run: ``.venv/bin/python benchmarks/run_enclave.py [--launches 20]``.
 """
@@ -59,6 +63,18 @@ int main(int argc, char **argv) {
 """
 
 
+PY_APP = """
+import sys
+from enclavekit.sdk import vsock
+conn = vsock.connect(3, int(sys.argv[1]))
+conn.sendall(b"ready\\n")
+conn.recv(16)
+import time
+while True:
+    time.sleep(3600)
+"""
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -93,6 +109,13 @@ def main() -> int:
         eif = base / "app.eif"
         subprocess.run([ENCLAVEKIT, "build-enclave", "--docker-uri", f"dir:{root}", "--output-file", str(eif),
                         "--cmd", json.dumps(["/app", str(PORT)])], check=True, capture_output=True)
+        (base / "app.py").write_text(PY_APP)
+        subprocess.run([sys.executable, "-m", "enclavekit.runtime.pyroot", str(base / "pyroot"), "--app",
+                        str(base / "app.py")], check=True, capture_output=True)
+        py_eif = base / "py.eif"
+        subprocess.run([ENCLAVEKIT, "build-enclave", "--docker-uri", f"dir:{base / 'pyroot'}", "--output-file",
+                        str(py_eif), "--cmd", json.dumps(["/usr/bin/python3", "/app/app.py", str(PORT)])],
+                       check=True, capture_output=True)
         home = base / "home"
         home.mkdir()
         (home / "allocator.yaml").write_text("---\nmemory_mib: 1024\ncpu_pool: 1\n")
@@ -101,41 +124,50 @@ def main() -> int:
         vsock_root = run_dir / "vsock"
         (vsock_root / "3").mkdir(parents=True)
         listener = UnixVsockTransport(vsock_root, local_cid=3).listen(PORT)
-        enclave: list[float] = []
-        plain: list[float] = []
+        plain_env = {"ENCLAVEKIT_VSOCK_DIR": str(vsock_root), "PYTHONPATH": os.pathsep.join(sys.path)}
+        results = {}
         try:
-            for i in range(args.launches):
-                # plain child process
-                start = time.perf_counter()
-                child = subprocess.Popen([str(root / "app"), str(PORT)],
-                                         env={"ENCLAVEKIT_VSOCK_DIR": str(vsock_root)})
-                wait_ready(listener)
-                plain.append(time.perf_counter() - start)
-                child.kill()
-                child.wait()
-                # enclave
-                start = time.perf_counter()
-                proc = subprocess.run([ENCLAVEKIT, "run-enclave", "--eif-path", str(eif), "--cpu-count", "1",
-                                       "--memory", "64"], env=env, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    print(proc.stderr, file=sys.stderr)
-                    return 1
-                wait_ready(listener)
-                enclave.append(time.perf_counter() - start)
-                subprocess.run([ENCLAVEKIT, "terminate-enclave", "--all"], env=env, capture_output=True,
-                               check=True)
-                print(f"launch {i + 1}/{args.launches}: enclave {enclave[-1] * 1000:.0f} ms, "
-                      f"plain {plain[-1] * 1000:.1f} ms", file=sys.stderr)
+            for label, image, plain_argv, memory in (
+                    ("static C", eif, [str(root / "app"), str(PORT)], "64"),
+                    ("Python", py_eif, [sys.executable, str(base / "app.py"), str(PORT)], "256")):
+                results[label] = measure(label, args.launches, image, plain_argv, plain_env, memory=memory,
+                                         env=env, listener=listener)
         finally:
             listener.close()
             subprocess.run([ENCLAVEKIT, "terminate-enclave", "--all"], env=env, capture_output=True, check=False)
-    e50, e95 = percentile(enclave, 0.5), percentile(enclave, 0.95)
-    p50, p95 = percentile(plain, 0.5), percentile(plain, 0.95)
-    print(f"run-enclave until the app answers on vsock: p50 {e50 * 1000:.0f} ms, p95 {e95 * 1000:.0f} ms "
-          f"(mean {statistics.mean(enclave) * 1000:.0f} ms)")
-    print(f"plain child process until it answers:       p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
-    print(f"ratio p50 {e50 / p50:.1f}x (target <= 3x), ratio p95 {e95 / p95:.1f}x")
+    for label, (enclave, plain) in results.items():
+        e50, e95 = percentile(enclave, 0.5), percentile(enclave, 0.95)
+        p50, p95 = percentile(plain, 0.5), percentile(plain, 0.95)
+        print(f"[{label}] run-enclave until the app answers on vsock: p50 {e50 * 1000:.0f} ms, p95 {e95 * 1000:.0f} ms "
+              f"(mean {statistics.mean(enclave) * 1000:.0f} ms)")
+        print(f"[{label}] plain child process until it answers:       p50 {p50 * 1000:.1f} ms, "
+              f"p95 {p95 * 1000:.1f} ms")
+        print(f"[{label}] ratio p50 {e50 / p50:.1f}x (target <= 3x), ratio p95 {e95 / p95:.1f}x")
     return 0
+
+
+def measure(label: str, launches: int, eif: Path, plain_argv: list[str], plain_env: dict[str, str], *,
+            memory: str, env: dict[str, str], listener: object) -> tuple[list[float], list[float]]:
+    enclave: list[float] = []
+    plain: list[float] = []
+    for i in range(launches):
+        start = time.perf_counter()
+        child = subprocess.Popen(plain_argv, env=plain_env)
+        wait_ready(listener)
+        plain.append(time.perf_counter() - start)
+        child.kill()
+        child.wait()
+        start = time.perf_counter()
+        proc = subprocess.run([ENCLAVEKIT, "run-enclave", "--eif-path", str(eif), "--cpu-count", "1",
+                               "--memory", memory], env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+        wait_ready(listener)
+        enclave.append(time.perf_counter() - start)
+        subprocess.run([ENCLAVEKIT, "terminate-enclave", "--all"], env=env, capture_output=True, check=True)
+        print(f"[{label}] launch {i + 1}/{launches}: enclave {enclave[-1] * 1000:.0f} ms, "
+              f"plain {plain[-1] * 1000:.1f} ms", file=sys.stderr)
+    return enclave, plain
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Enclave lifecycle end to end: run-enclave, describe-enclaves, console, terminate-enclave (issue 4, Tests).
 
 Everything runs for real: the ``enclavekit`` CLI in subprocesses, one detached supervisor per enclave, the
-namespace sandbox, the NSM on its per-enclave socket.  The application inside is a static C probe (no interpreter
-can run in the sandbox's memory-only root) packed into EIFs with ``build-enclave --docker-uri dir:``.
+namespace sandbox, the NSM on its per-enclave socket.  The applications inside are a static C probe packed into
+EIFs with ``build-enclave --docker-uri dir:``, and a Python program in an image made by
+``enclavekit.runtime.pyroot``.
 
-Each test gets its own run directory and state directory (allocator pool ``cpu_pool: 1``: this machine has two
-CPUs and the parent keeps CPU 0).  Several enclaves at once draw from *separate* state directories, i.e. separate
-pools that all hold CPU 1 — the test-only way to share the single enclave CPU.  After every test
+Each test gets its own run directory and state directory.  The pool is ``cpu_pool: 1`` (this machine has two
+CPUs and the parent keeps CPU 0) with ``cpu_sharing: true``, so several enclaves at once share CPU 1 from ONE
+pool; a second state directory with AWS's exclusive semantics checks the E22 refusals.  After every test
 ``terminate-enclave --all`` runs and the test fails if any supervisor, sandbox process, cgroup, socket or mount of
 its enclaves is left.  These tests need root; without it they FAIL (never skip).
 """
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,13 +26,21 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enclavekit.attestation.pki import LocalPKI
+from enclavekit.attestation.policy import AttestationPolicy
+from enclavekit.attestation.verifier import TrustRoot, verify
+from enclavekit.errors import VsockConnectionRefused
 from enclavekit.formats.attestation_doc import parse_document
 from enclavekit.formats.nsm_messages import AttestationRequest, AttestationResponse
+from enclavekit.sdk import vsock
+from enclavekit.vsock.address import VsockAddress
+from enclavekit.vsock.transport import UnixVsockTransport
 
 pytestmark = pytest.mark.integration
 
@@ -83,9 +93,63 @@ static int nsm(const char *hex) {
     printf("\n"); fflush(stdout);
     return 0;
 }
+static void read_line(int fd, char *line, size_t cap) {
+    size_t i = 0;
+    while (i + 1 < cap) {
+        if (read(fd, line + i, 1) != 1) { perror("handshake"); exit(16); }
+        if (line[i++] == '\n') break;
+    }
+    line[i] = 0;
+}
+/* an enclave listener on vsock (own cid, port): the acceptor side of Firecracker's handshake, then echo */
+static int serve(const char *port) {
+    char path[256], line[64], buf[4096];
+    snprintf(path, sizeof path, "%s/%s/%s.sock", getenv("ENCLAVEKIT_VSOCK_DIR"), getenv("ENCLAVEKIT_VSOCK_CID"),
+             port);
+    struct sockaddr_un a; memset(&a, 0, sizeof a); a.sun_family = AF_UNIX;
+    strncpy(a.sun_path, path, sizeof a.sun_path - 1);
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 8)) { perror(path); return 17; }
+    printf("listening on %s\n", path); fflush(stdout);
+    for (;;) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0) continue;
+        read_line(c, line, sizeof line);
+        char want[32]; snprintf(want, sizeof want, "CONNECT %s\n", port);
+        if (strcmp(line, want)) { close(c); continue; }
+        put_all(c, (const unsigned char *)"OK 1073741824\n", 14);
+        ssize_t n;
+        while ((n = read(c, buf, sizeof buf)) > 0) put_all(c, (unsigned char *)buf, n);
+        close(c);
+    }
+}
+/* connect to the parent's (3, port), retrying until a listener exists, then say hello */
+static int dial(const char *port) {
+    char path[256], line[64];
+    snprintf(path, sizeof path, "%s/3/%s.sock", getenv("ENCLAVEKIT_VSOCK_DIR"), port);
+    struct sockaddr_un a; memset(&a, 0, sizeof a); a.sun_family = AF_UNIX;
+    strncpy(a.sun_path, path, sizeof a.sun_path - 1);
+    for (int tries = 0; tries < 600; tries++) {
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+            int n = snprintf(line, sizeof line, "CONNECT %s\n", port);
+            put_all(fd, (unsigned char *)line, n);
+            read_line(fd, line, sizeof line);
+            n = snprintf(line, sizeof line, "hello from %s\n", getenv("ENCLAVEKIT_VSOCK_CID"));
+            put_all(fd, (unsigned char *)line, n);
+            printf("dialled %s\n", path); fflush(stdout);
+            for (;;) pause();
+        }
+        close(fd);
+        usleep(50000);
+    }
+    return 18;
+}
 int main(int argc, char **argv) {
     printf("probe up: %s cid=%s\n", argc > 1 ? argv[1] : "idle", getenv("ENCLAVEKIT_VSOCK_CID")); fflush(stdout);
     if (argc > 2 && !strcmp(argv[1], "exit")) { printf("exiting with %s\n", argv[2]); return atoi(argv[2]); }
+    if (argc > 2 && !strcmp(argv[1], "listen")) return serve(argv[2]);
+    if (argc > 2 && !strcmp(argv[1], "dial")) return dial(argv[2]);
     if (argc > 2 && !strcmp(argv[1], "nsm")) { int rc = nsm(argv[2]); if (rc) return rc; }
     for (;;) pause();
 }
@@ -109,7 +173,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (base / "probe.c").write_text(PROBE_C)
     subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "probe"), str(base / "probe.c")], check=True)
     request = AttestationRequest(nonce=b"lifecycle-nonce", user_data=b"hello").to_bytes().hex()
-    commands = {"idle": ["/probe"], "exit": ["/probe", "exit", "3"], "nsm": ["/probe", "nsm", request]}
+    commands = {"idle": ["/probe"], "exit": ["/probe", "exit", "3"], "nsm": ["/probe", "nsm", request],
+                "listen": ["/probe", "listen", "5000"], "dial": ["/probe", "dial", "7000"]}
     out = {}
     for name, cmd in commands.items():
         eif = base / f"{name}.eif"
@@ -129,10 +194,12 @@ class Host:
     slots: set[str] = field(default_factory=set)
 
     def home(self, index: int = 0) -> Path:
+        """State directory ``index``: 0 shares its CPU between enclaves, the others are exclusive (AWS's)."""
         while len(self.homes) <= index:
             home = self.run_dir.parent / f"home{len(self.homes)}"
             home.mkdir()
-            (home / "allocator.yaml").write_text("---\nmemory_mib: 2048\ncpu_pool: 1\n")
+            sharing = "cpu_sharing: true\n" if not self.homes else ""
+            (home / "allocator.yaml").write_text(f"---\nmemory_mib: 2048\ncpu_pool: 1\n{sharing}")
             self.homes.append(home)
         return self.homes[index]
 
@@ -292,8 +359,8 @@ def test_json_shapes_of_every_command(host: Host, images: dict[str, Path]) -> No
 
 
 def test_terminate_by_name_and_all(host: Host, images: dict[str, Path]) -> None:
-    a = host.run(images["idle"], "--enclave-name", "web", home=0)
-    b = host.run(images["idle"], "--enclave-name", "web", home=1)  # a duplicate name gets "_1", no error
+    a = host.run(images["idle"], "--enclave-name", "web")
+    b = host.run(images["idle"], "--enclave-name", "web")  # a duplicate name gets "_1", no error
     assert (a["EnclaveName"], b["EnclaveName"]) == ("web", "web_1")
     assert (a["EnclaveCID"], b["EnclaveCID"]) == (16, 17)
     term = host.cli("terminate-enclave", "--enclave-name", "web_1")
@@ -315,12 +382,9 @@ def test_config_file_and_cid(host: Host, images: dict[str, Path], tmp_path: Path
 
 
 def test_eight_enclaves_at_once(host: Host, images: dict[str, Path]) -> None:
-    for i in range(8):
-        host.home(i)
-
-    def launch(i: int) -> subprocess.CompletedProcess[str]:
+    def launch(_: int) -> subprocess.CompletedProcess[str]:  # one state directory, one pool, CPU 1 shared
         return host.cli("run-enclave", "--eif-path", str(images["idle"]), "--cpu-count", "1", "--memory", "64",
-                        "--debug-mode", home=i)
+                        "--debug-mode")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(launch, range(8)))
@@ -333,16 +397,18 @@ def test_eight_enclaves_at_once(host: Host, images: dict[str, Path]) -> None:
     described = json.loads(host.cli("describe-enclaves").stdout)
     assert sorted(d["EnclaveID"] for d in described) == sorted(i["EnclaveID"] for i in infos)
     assert {d["State"] for d in described} == {"RUNNING"}
+    assert {tuple(d["CPUIDs"]) for d in described} == {(1,)}  # every enclave pinned to the shared CPU
     for i in infos:  # each console saw its own enclave
         assert f"probe up: idle cid={i['EnclaveCID']}" in host.console_log(i["EnclaveID"])
-    # terminate-enclave --all through one state directory reaches every supervisor
     terminated = json.loads(host.cli("terminate-enclave", "--all").stdout)
     assert len(terminated) == 8 and all(t["Terminated"] for t in terminated)
 
 
-def test_parallel_launches_on_one_pool_fail_cleanly(host: Host, images: dict[str, Path]) -> None:
-    def launch(_: int) -> subprocess.CompletedProcess[str]:
-        return host.cli("run-enclave", "--eif-path", str(images["idle"]), "--cpu-count", "1", "--memory", "64")
+def test_parallel_launches_on_an_exclusive_pool_fail_cleanly(host: Host, images: dict[str, Path]) -> None:
+    host.home(1)  # created before the threads
+    def launch(_: int) -> subprocess.CompletedProcess[str]:  # AWS's semantics: one enclave per CPU
+        return host.cli("run-enclave", "--eif-path", str(images["idle"]), "--cpu-count", "1", "--memory", "64",
+                        home=1)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(launch, range(4)))
@@ -459,7 +525,7 @@ def test_missing_and_corrupt_eif(host: Host, images: dict[str, Path], tmp_path: 
     (["--memory", "256_mb"], 3),           # §3.2: anything but M/G/T is E03
     (["--cpu-ids", "0"], 21),              # CPU 0 stays with the parent: not in the pool
     (["--cpu-ids", "1", "1"], 20),
-    (["--cpu-count", "2"], 22),
+    (["--cpu-count", "2"], 22),            # more CPUs than the (shared) pool holds
     (["--enclave-cid", "3"], 3),           # the parent's CID
     (["--enclave-cid", "4294967295"], 3),
     (["--enclave-cid", "x"], 3),
@@ -478,7 +544,7 @@ def test_bad_resources(host: Host, images: dict[str, Path], args: list[str], cod
 def test_cid_in_use(host: Host, images: dict[str, Path]) -> None:
     host.run(images["idle"], "--enclave-cid", "40")
     proc = host.cli("run-enclave", "--eif-path", str(images["idle"]), "--cpu-count", "1", "--memory", "64",
-                    "--enclave-cid", "40", home=1)
+                    "--enclave-cid", "40")
     _fails(proc, 3)
     assert "already used" in proc.stderr
 
@@ -526,3 +592,116 @@ def test_supervisor_killed_with_sigkill(host: Host, images: dict[str, Path]) -> 
     # its CPU and CID are free again
     again = host.run(images["idle"])
     assert again["EnclaveCID"] == info["EnclaveCID"]
+
+
+# ---------------------------------------------------------------- vsock both ways
+
+
+def test_parent_connects_to_an_enclave_listener(host: Host, images: dict[str, Path]) -> None:
+    info = host.run(images["listen"], "--debug-mode")
+    transport = UnixVsockTransport(host.run_dir / "vsock", local_cid=3)
+    deadline = time.monotonic() + 30
+    while "listening on" not in host.console_log(info["EnclaveID"]):
+        assert time.monotonic() < deadline, host.console_log(info["EnclaveID"])
+        time.sleep(0.02)
+    payload = os.urandom(100_000)
+    with vsock.connect(info["EnclaveCID"], 5000, timeout=10, transport=transport) as conn:
+        assert conn.peer == VsockAddress(info["EnclaveCID"], 5000)
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        echoed = b""
+        while chunk := conn.recv(65536):
+            echoed += chunk
+    assert echoed == payload
+    with pytest.raises(VsockConnectionRefused):  # nobody listens on another port of the enclave
+        vsock.connect(info["EnclaveCID"], 5001, timeout=5, transport=transport)
+
+
+def test_enclave_reaches_a_parent_listener_created_after_it_started(host: Host, images: dict[str, Path]) -> None:
+    info = host.run(images["dial"])
+    transport = UnixVsockTransport(host.run_dir / "vsock", local_cid=3)
+    with vsock.listen(7000, transport=transport) as listener:  # created after run-enclave returned
+        conn, _ = listener.accept(timeout=30)
+        with conn:
+            conn.settimeout(30)
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = conn.recv(64)
+                assert chunk
+                line += chunk
+    assert line == f"hello from {info['EnclaveCID']}\n".encode()
+
+
+def test_enclave_cannot_plant_a_symlink_for_the_parent(host: Host, images: dict[str, Path]) -> None:
+    info = host.run(images["idle"])
+    own = host.run_dir / "vsock" / str(info["EnclaveCID"])
+    decoy = host.run_dir.parent / "decoy.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(decoy))
+        server.listen(1)
+        (own / "6000.sock").symlink_to(decoy)  # what an enclave's root could write in its own directory
+        transport = UnixVsockTransport(host.run_dir / "vsock", local_cid=3)
+        with pytest.raises(VsockConnectionRefused, match="symlink"):
+            vsock.connect(info["EnclaveCID"], 6000, timeout=5, transport=transport)
+    decoy.unlink()
+
+
+# ---------------------------------------------------------------- a Python application inside
+
+
+PYTHON_APP = '''
+"""Runs INSIDE an enclave: fetch an attestation document with the SDK and send it to the parent over vsock."""
+import sys
+import time
+
+from enclavekit.sdk import nsm, vsock
+
+with nsm.NSMClient.open() as client:
+    document = client.attestation(nonce=b"python-nonce", user_data=b"from python")
+with vsock.connect(vsock.VMADDR_CID_PARENT, 7100) as conn:
+    conn.sendall(len(document).to_bytes(4, "big") + document)
+    conn.recv(1)  # until the parent has read it
+print("document sent", len(document), file=sys.stderr, flush=True)
+while True:
+    time.sleep(3600)
+'''
+
+
+@pytest.fixture(scope="module")
+def python_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EIF whose rootfs is made by ``enclavekit.runtime.pyroot`` from this host's Python."""
+    _require_root()
+    base = tmp_path_factory.mktemp("pyimage")
+    (base / "main.py").write_text(PYTHON_APP)
+    root = base / "rootfs"
+    subprocess.run([sys.executable, "-m", "enclavekit.runtime.pyroot", str(root), "--app", str(base / "main.py")],
+                   check=True, capture_output=True)
+    eif = base / "python.eif"
+    subprocess.run([ENCLAVEKIT, "build-enclave", "--docker-uri", f"dir:{root}", "--output-file", str(eif),
+                    "--cmd", json.dumps(["/usr/bin/python3", "/app/main.py"])], check=True, capture_output=True)
+    return eif
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_python_enclave_attests_to_the_parent(host: Host, python_image: Path, debug: bool) -> None:
+    transport = UnixVsockTransport(host.run_dir / "vsock", local_cid=3)
+    (host.run_dir / "vsock" / "3").mkdir(parents=True, exist_ok=True)
+    with vsock.listen(7100, transport=transport) as listener:
+        info = host.run(python_image, "--memory", "256", *(["--debug-mode"] if debug else []))
+        conn, _ = listener.accept(timeout=60)
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                chunk = conn.recv(65536)
+                assert chunk, host.console_log(info["EnclaveID"])
+                data += chunk
+            conn.sendall(b"k")
+    document = data[4:]
+    pki = LocalPKI.open(host.home(0), now=datetime.now(UTC))
+    policy = AttestationPolicy(nonce=b"python-nonce", user_data=b"from python", unsafe_allow_debug=debug)
+    verified = verify(document, [TrustRoot.from_pem(pki.root_pem)], datetime.now(UTC), policy, cache=None)
+    measured = json.loads(host.cli("describe-eif", "--eif-path", str(python_image)).stdout)["Measurements"]
+    assert verified.module_id == info["EnclaveID"]
+    expected = ZERO if debug else measured["PCR0"]  # §2.5: zeros in debug mode
+    assert verified.pcrs[0].hex() == expected

@@ -15,10 +15,11 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from enclavekit.errors import SandboxBootError
+from enclavekit.errors import SandboxBootError, SandboxError
 from enclavekit.runtime.cgroups import current_layout
 from enclavekit.runtime.sandbox import Sandbox, SandboxProcess, SandboxSpec
 
@@ -167,6 +168,23 @@ int main(int argc, char **argv) {
         printf("devnull ok\n");
         return 0;
     }
+    if (!strcmp(m, "mkfile")) {  /* create a file (mode 0644) */
+        int fd = open(argv[2], O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd < 0) { printf("mkfile refused errno=%d\n", errno); return 0; }
+        close(fd); printf("mkfile ALLOWED\n"); return 0;
+    }
+    if (!strcmp(m, "setid")) {  /* try to give a new file set-uid bits, at creation and with chmod */
+        int fd = open(argv[2], O_WRONLY | O_CREAT | O_EXCL, 04755);
+        printf("create 04755 %s errno=%d\n", fd < 0 ? "refused" : "ALLOWED", fd < 0 ? errno : 0);
+        if (fd >= 0) close(fd);
+        fd = open(argv[2], O_WRONLY | O_CREAT, 0755);
+        if (fd >= 0) close(fd);
+        int rc = chmod(argv[2], 04755);
+        printf("chmod 04755 %s errno=%d\n", rc < 0 ? "refused" : "ALLOWED", rc < 0 ? errno : 0);
+        rc = chmod(argv[2], 0700);
+        printf("chmod 0700 %s\n", rc < 0 ? "refused" : "ALLOWED");
+        return 0;
+    }
     if (!strcmp(m, "sleep")) { printf("ready\n"); for (;;) pause(); }
     if (!strcmp(m, "exit")) return atoi(argv[2]);
     return 2;
@@ -210,13 +228,14 @@ def run_probe(probe: Path) -> Iterator[Callable[..., tuple[int, str, SandboxProc
     started: list[SandboxProcess] = []
 
     def run(*args: str, memory_mib: int = 128, pids_max: int = 64, timeout: float = 60,
-            sockets: dict[str, str] | None = None, wait: bool = True) -> tuple[int, str, SandboxProcess]:
+            sockets: dict[str, str] | None = None, wait: bool = True, **options: Any
+            ) -> tuple[int, str, SandboxProcess]:
         def fill(root: Path) -> None:
             (root / "bin").mkdir()
             shutil.copy(probe, root / "bin" / "probe")
 
         sp = Sandbox.start(SandboxSpec(argv=("/bin/probe", *args), rootfs=fill, memory_mib=memory_mib,
-                                       pids_max=pids_max, env={"PATH": "/bin"}, sockets=sockets or {}))
+                                       pids_max=pids_max, env={"PATH": "/bin"}, sockets=sockets or {}, **options))
         started.append(sp)
         if not wait:
             return -1, "", sp
@@ -382,3 +401,112 @@ def test_missing_program_is_a_boot_failure(probe: Path) -> None:
     assert info.value.code == "E36"
     assert "/bin/absent" in str(info.value)
     assert _leftovers("enclavekit-boot-test") == []
+
+
+# ---------------------------------------------------------------- vsock channel directories
+
+
+def test_channel_directories_parent_read_only_own_writable(
+        run_probe: Callable[..., tuple[int, str, SandboxProcess]], tmp_path: Path) -> None:
+    parent, own = tmp_path / "vsock3", tmp_path / "vsock16"
+    parent.mkdir()
+    own.mkdir()
+    dirs = {"directories": {str(parent): "/run/enclavekit/vsock/3"},
+            "writable_directories": {str(own): "/run/enclavekit/vsock/16"}}
+    _, out, _ = run_probe("mkfile", "/run/enclavekit/vsock/3/443.sock", **dirs)
+    assert f"mkfile refused errno={EROFS}" in out, out  # an enclave cannot pose as a parent listener
+    assert not (parent / "443.sock").exists()
+    _, out, _ = run_probe("mkfile", "/run/enclavekit/vsock/16/5000.sock", **dirs)
+    assert "mkfile ALLOWED" in out, out
+    assert (own / "5000.sock").exists()  # the enclave's own directory is the host's
+    _, out, _ = run_probe("ls", "/run/enclavekit/vsock", **dirs)
+    assert out.split() == ["entries:", "16", "3"] or out.split() == ["entries:", "3", "16"], out
+
+
+def test_set_id_bits_are_refused(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                 tmp_path: Path) -> None:
+    own = tmp_path / "vsock16"
+    own.mkdir()
+    _, out, _ = run_probe("setid", "/run/enclavekit/vsock/16/x",
+                           writable_directories={str(own): "/run/enclavekit/vsock/16"})
+    assert f"create 04755 refused errno={EPERM}" in out, out
+    assert f"chmod 04755 refused errno={EPERM}" in out, out
+    assert "chmod 0700 ALLOWED" in out, out  # only the set-id bits are refused
+    assert not (own / "x").stat().st_mode & 0o6000
+
+
+def test_a_symlink_is_not_a_channel_directory(probe: Path, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(SandboxError, match="not a directory"):
+        Sandbox.start(SandboxSpec(argv=("/bin/probe",), rootfs=lambda root: None, memory_mib=64,
+                                  directories={str(tmp_path / "link"): "/run/x"}, name="enclavekit-link-test"))
+    assert _leftovers("enclavekit-link-test") == []
+
+
+# ---------------------------------------------------------------- boot window and heartbeat
+
+
+def _heartbeat_listener(path: Path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(30)
+    return server
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        c = conn.recv(1)
+        assert c, f"stream ended after {line!r}"
+        line += c
+    return line
+
+
+def test_pid1_sends_the_heartbeat_after_the_boot(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                                 tmp_path: Path) -> None:
+    path = tmp_path / "hb.sock"
+    with _heartbeat_listener(path) as server:
+        _, _, sp = run_probe("sleep", wait=False, heartbeat=str(path), await_boot=True)
+        assert sp.console.readline() == b"ready\n"  # start() returned: the application runs
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(30)
+            assert _read_line(conn) == b"CONNECT 9000\n"  # Firecracker's handshake, port 9000 (spec §3.8)
+            conn.sendall(b"OK 1073741824\n")
+            assert conn.recv(1) == b"\xb7"
+            conn.sendall(b"\xb7")
+            assert conn.recv(1) == b""  # PID 1 closes the heartbeat connection
+    assert sp.returncode is None  # the enclave lives on
+
+
+def test_a_wrong_heartbeat_echo_ends_the_sandbox(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                                 tmp_path: Path) -> None:
+    path = tmp_path / "hb.sock"
+    with _heartbeat_listener(path) as server:
+        _, _, sp = run_probe("sleep", wait=False, heartbeat=str(path), await_boot=True)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(30)
+            _read_line(conn)
+            conn.sendall(b"OK 1\n")
+            assert conn.recv(1) == b"\xb7"
+            conn.sendall(b"\x00")
+            out = sp.console.read().decode(errors="replace")
+    assert "boot heartbeat failed" in out
+    assert sp.wait(30) == 128 + signal.SIGKILL
+
+
+def test_an_application_exiting_during_its_boot_is_e36(probe: Path) -> None:
+    def fill(root: Path) -> None:
+        (root / "bin").mkdir()
+        shutil.copy(probe, root / "bin" / "probe")
+
+    with pytest.raises(SandboxBootError) as info:
+        Sandbox.start(SandboxSpec(argv=("/bin/probe", "exit", "7"), rootfs=fill, memory_mib=64, await_boot=True,
+                                  name="enclavekit-exit-test"))
+    assert info.value.code == "E36"
+    assert "exited at boot with status 7" in str(info.value)
+    assert _leftovers("enclavekit-exit-test") == []

@@ -21,9 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from enclavekit.errors import EIFFormatError
 from enclavekit.formats.eif import (
     CMDLINE_MAX_SIZE,
@@ -178,6 +175,10 @@ class EIFInfo:
 
 def certificate_der_from_pem(pem: bytes) -> bytes:
     """DER of the PEM certificate stored in a signature section (§2.2: PCR8 hashes the DER)."""
+    # deferred: only signed images need X.509, and run-enclave start-up time counts (issue 4)
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
+
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except (ValueError, x509.InvalidVersion) as exc:

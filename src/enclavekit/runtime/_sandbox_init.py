@@ -9,12 +9,26 @@ Launcher (host PID namespace):
      uid/gid maps (a process cannot map ids other than its own from inside);
   2. make every mount private, mount the size-limited tmpfs root on the stage directory, bring ``lo`` up, set the
      host name; report ``mounted``; the parent fills the root through ``/proc/PID/root`` and answers ``go``;
-  3. bind the device nodes and sockets into the root; fork PID 1; report ``pid1`` with its host PID; wait for it
-     and exit with its status.
-PID 1 (new PID namespace): mount ``/proc``, ``pivot_root`` into the tmpfs and detach the old root, apply the
-seccomp filter (last), fork the application (``setgroups/setgid/setuid``, ``execvpe``), report ``running`` (or
-the exec error), then reap zombies, forward SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 and exit with the
-application's status (128 + signal number when it was killed).
+  3. bind the device nodes, sockets and directories into the root; fork PID 1; report ``pid1`` with its host PID;
+     wait for it and exit with its status.
+PID 1 (new PID namespace): connect to the boot heartbeat listener (when the spec names one; a host path, so
+before ``pivot_root``), mount ``/proc``, ``pivot_root`` into the tmpfs and detach the old root, apply the seccomp
+filter (last), fork the application (``setgroups/setgid/setuid``, ``execvpe``; a close-on-exec pipe tells PID 1
+that the exec succeeded), wait for the application's *boot* to end (below), report ``running`` (or the exec
+error, or the exit at boot), send the heartbeat, then reap zombies, forward
+SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 and exit with the application's status (128 + signal number when it
+was killed).
+
+Boot window (docs/runtime.md "Boot and the heartbeat"): the application has booted when it first *waits* (its
+``/proc/PID/stat`` state is ``S``: it blocks in accept, read, poll, pause, a lock...), or after
+:data:`BOOT_BUSY_LIMIT` seconds of never waiting; it failed at boot when it exits before that.  This is a
+property of the application, not a guessed delay: a program that exits at once is always caught, and a server is
+reported up as soon as it waits for its first request.
+
+Heartbeat (spec §3.8, nitro-cli's init): on the connection made before ``pivot_root`` to the enclave's own
+(3, 9000) listener, PID 1 does Firecracker's handshake (``CONNECT 9000\n`` / ``OK <port>\n``), writes 0xB7 and
+requires 0xB7 back.  The connection is close-on-exec and the listener is not visible inside, so the application
+can neither see nor fake it.  When the heartbeat fails PID 1 says so on the console and ends the enclave.
 
 Everything this module needs is imported before ``pivot_root``: after it no host file is reachable.
 """
@@ -31,11 +45,19 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import IO, Any, NoReturn
 
 from enclavekit.runtime.seccomp import install_filter
+from enclavekit.vsock.protocol import run_connector
 
-__all__ = ["main"]
+__all__ = ["main", "BOOT_BUSY_LIMIT", "HEARTBEAT_BYTE", "HEARTBEAT_PORT"]
+
+# §3.8: init writes 0xB7 to (3, 9000) and expects it echoed.
+HEARTBEAT_BYTE = 0xB7
+HEARTBEAT_PORT = 9000
+# An application that has not waited once after this many seconds of running counts as booted (a busy start).
+BOOT_BUSY_LIMIT = 2.0
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -132,6 +154,17 @@ def _bind_file(source: str, target: str, *, nodev: bool = True) -> None:
     _mount(None, target, None, flags)
 
 
+def _bind_dir(source: str, target: str, *, writable: bool) -> None:
+    # The source must be a real directory, not a symlink (it is looked up with the host's root here).
+    st = os.lstat(source)
+    if not (st.st_mode & 0o170000 == 0o040000):
+        raise _StageError(f"{source} is not a directory")
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    _mount(source, target, None, MS_BIND)
+    flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC | (0 if writable else MS_RDONLY)
+    _mount(None, target, None, flags)
+
+
 def _harden_proc(proc: str, dev_null: str) -> None:
     """Make the host-wide kernel knobs of /proc read-only and mask the leaky files (as container runtimes do).
 
@@ -187,6 +220,8 @@ def _launch(spec: dict[str, Any], chan: _Channel) -> NoReturn:
         _bind_file(f"/dev/{name}", _inside(stage, f"/dev/{name}"), nodev=False)
     for host, inside in spec["sockets"]:
         _bind_file(host, _inside(stage, inside))
+    for host, inside, writable in spec.get("directories", ()):
+        _bind_dir(host, _inside(stage, inside), writable=bool(writable))
     os.makedirs(_inside(stage, "/proc"), mode=0o755, exist_ok=True)
     scratch = _inside(stage, "/tmp")  # noqa: S108 - the sandbox's own /tmp, inside its tmpfs
     os.makedirs(scratch, exist_ok=True)
@@ -212,6 +247,12 @@ def _launch(spec: dict[str, Any], chan: _Channel) -> NoReturn:
 def _pid1(spec: dict[str, Any], chan: _Channel, program: bytes) -> NoReturn:
     _set_pdeathsig()  # the launcher's death ends the namespace
     stage: str = spec["stage"]
+    heartbeat: socket.socket | None = None
+    if spec.get("heartbeat"):
+        # §3.8: the enclave's (3, 9000).  Connected now, while the host path is reachable; used after the boot.
+        heartbeat = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # blocking: the supervisor owns the boot timeout (§3.8) and ends the sandbox when it passes
+        heartbeat.connect(spec["heartbeat"])
     _mount("proc", _inside(stage, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _harden_proc(_inside(stage, "/proc"), _inside(stage, "/dev/null"))
     old = _inside(stage, "/.oldroot")
@@ -251,18 +292,81 @@ def _pid1(spec: dict[str, Any], chan: _Channel, program: bytes) -> NoReturn:
         signal.signal(sig, forward)
     if failure:
         chan.report(stage="error", error=failure.decode(errors="replace"), boot=True)
-    else:
-        chan.report(stage="running")
-    chan.status.close()
-    chan.ctl.close()
+        _close_channel(chan)
+        _reap_until(app)
+    if spec.get("await_boot") and not _await_boot(app):
+        _, status = os.waitpid(app, 0)
+        code = _status_code(status)
+        chan.report(stage="error", error=f"the application exited at boot with status {code}", boot=True,
+                    status=code)
+        _close_channel(chan)
+        os._exit(code)
+    chan.report(stage="running")
+    _close_channel(chan)
+    if heartbeat is not None:
+        try:
+            _send_heartbeat(heartbeat)
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                os.write(1, f"[enclavekit] boot heartbeat failed: {exc}\n".encode())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(app, signal.SIGKILL)
+            _reap_until(app)
+    _reap_until(app)
+
+
+def _close_channel(chan: _Channel) -> None:
+    with contextlib.suppress(OSError):
+        chan.status.close()
+    with contextlib.suppress(OSError):
+        chan.ctl.close()
+
+
+def _status_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def _await_boot(app: int) -> bool:
+    """True once the application first waits (state ``S``) or has run :data:`BOOT_BUSY_LIMIT` s; False if it exited.
+
+    See the module docstring ("Boot window").  Polls ``/proc/APP/stat`` with a backoff from 0.5 to 10 ms.
+    """
+    deadline = time.monotonic() + BOOT_BUSY_LIMIT
+    delay = 0.0005
+    path = f"/proc/{app}/stat"
+    while True:
+        try:
+            with open(path, "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in (b"Z", b"X"):
+            return False
+        if state == b"S" or time.monotonic() >= deadline:
+            return True
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def _send_heartbeat(sock: socket.socket) -> None:
+    """§3.8 through the vsock emulation: Firecracker's CONNECT/OK, then 0xB7 out and 0xB7 back."""
+    with sock:
+        run_connector(sock, HEARTBEAT_PORT)
+        sock.sendall(bytes([HEARTBEAT_BYTE]))
+        echo = sock.recv(1)
+        if echo != bytes([HEARTBEAT_BYTE]):
+            raise _StageError(f"the parent answered {echo!r} instead of 0xb7")
+
+
+def _reap_until(app: int) -> NoReturn:
     while True:  # PID 1 reaps every orphan; it leaves when the application does
         try:
             pid, status = os.wait()
         except ChildProcessError:
             os._exit(127)
         if pid == app:
-            code = os.waitstatus_to_exitcode(status)
-            os._exit(code if code >= 0 else 128 - code)
+            os._exit(_status_code(status))
 
 
 def main(argv: list[str]) -> NoReturn:

@@ -124,11 +124,18 @@ def minimum_memory_mib(eif_size: int) -> int:
 
 @dataclass(frozen=True)
 class AllocatorConfig:
-    """``allocator.yaml``: ``memory_mib`` and exactly one of ``cpu_count`` / ``cpu_pool``."""
+    """``allocator.yaml``: ``memory_mib`` and exactly one of ``cpu_count`` / ``cpu_pool``.
+
+    ``cpu_sharing`` is enclavekit's extension (default false: AWS's semantics, each pool CPU belongs to one
+    enclave at a time).  When true, enclaves share the pool's CPUs: each is still pinned to the CPUs it was given
+    and ``--cpu-count`` / ``--cpu-ids`` must still fit the pool, but a CPU used by one enclave may be given to
+    others.  Memory stays exclusive.
+    """
 
     memory_mib: int
     cpu_count: int | None = None
     cpu_pool: tuple[int, ...] | None = None
+    cpu_sharing: bool = False
 
     @classmethod
     def parse(cls, text: str) -> AllocatorConfig:
@@ -156,9 +163,9 @@ class AllocatorConfig:
             seen_content = True
             key, sep, value = line.partition(":")
             key, value = key.strip(), value.strip()
-            if not sep or key not in ("memory_mib", "cpu_count", "cpu_pool"):
-                raise ConfigError(f"allocator.yaml line {lineno}: expected memory_mib, cpu_count or cpu_pool, "
-                                  f"got {raw.strip()[:60]!r}")
+            if not sep or key not in ("memory_mib", "cpu_count", "cpu_pool", "cpu_sharing"):
+                raise ConfigError(f"allocator.yaml line {lineno}: expected memory_mib, cpu_count, cpu_pool or "
+                                  f"cpu_sharing, got {raw.strip()[:60]!r}")
             if not value:
                 raise ConfigError(f"allocator.yaml line {lineno}: {key} has no value")
             if key in values:
@@ -169,13 +176,17 @@ class AllocatorConfig:
         memory_mib = _positive_int(values["memory_mib"], "memory_mib")
         if ("cpu_count" in values) == ("cpu_pool" in values):
             raise ConfigError("allocator.yaml: give exactly one of cpu_count and cpu_pool")
+        sharing = values.get("cpu_sharing", "false")
+        if sharing not in ("true", "false"):
+            raise ConfigError(f"allocator.yaml: cpu_sharing must be true or false, got {sharing[:40]!r}")
         if "cpu_count" in values:
-            return cls(memory_mib=memory_mib, cpu_count=_positive_int(values["cpu_count"], "cpu_count"))
+            return cls(memory_mib=memory_mib, cpu_count=_positive_int(values["cpu_count"], "cpu_count"),
+                       cpu_sharing=sharing == "true")
         try:
             pool = parse_cpu_list(values["cpu_pool"], what="allocator.yaml cpu_pool")
         except AllocatorError as exc:
             raise ConfigError(exc.message) from exc
-        return cls(memory_mib=memory_mib, cpu_pool=pool)
+        return cls(memory_mib=memory_mib, cpu_pool=pool, cpu_sharing=sharing == "true")
 
     def to_text(self) -> str:
         lines = ["---", f"memory_mib: {self.memory_mib}"]
@@ -183,6 +194,8 @@ class AllocatorConfig:
             lines.append(f"cpu_count: {self.cpu_count}")
         if self.cpu_pool is not None:
             lines.append(f"cpu_pool: {format_cpu_list(self.cpu_pool)}")
+        if self.cpu_sharing:
+            lines.append("cpu_sharing: true")
         return "\n".join(lines) + "\n"
 
 
@@ -268,6 +281,9 @@ class ResourcePool:
 
     @property
     def free_cpus(self) -> tuple[int, ...]:
+        """The CPUs a new enclave may get: the unused ones, or the whole pool when ``cpu_sharing`` is on."""
+        if self.config.cpu_sharing:
+            return self.cpus
         used = {c for a in self.allocations.values() for c in a.cpu_ids}
         return tuple(c for c in self.cpus if c not in used)
 

@@ -60,9 +60,14 @@ class SandboxSpec:
     """What to run and with which limits.
 
     ``rootfs`` fills the tmpfs root: a directory whose contents are copied, or a callable given the root's path
-    (as seen from the host).  ``sockets`` maps host socket paths to paths inside; they are the only host paths
-    visible.  ``tmpfs_size_mib`` defaults to half of ``memory_mib``.  ``seccomp`` defaults to
-    :func:`~enclavekit.runtime.seccomp.sandbox_filter`.
+    (as seen from the host).  ``sockets`` maps host socket paths to paths inside (bound read-only);
+    ``directories`` and ``writable_directories`` map host directories to paths inside (the vsock channel
+    directories: the parent's, read-only, and the enclave's own, writable).  These are the only host paths
+    visible.  ``heartbeat`` is the host path of the enclave's (3, 9000) listener: PID 1 sends the boot heartbeat
+    there (see ``_sandbox_init``); it is not visible inside.  With ``await_boot``, :meth:`Sandbox.start` returns
+    only once the application has booted (it first waited), and raises SandboxBootError (E36) when it exits
+    before.  ``tmpfs_size_mib`` defaults to half of
+    ``memory_mib``.  ``seccomp`` defaults to :func:`~enclavekit.runtime.seccomp.sandbox_filter`.
     """
 
     argv: tuple[str, ...]
@@ -76,6 +81,10 @@ class SandboxSpec:
     pids_max: int = DEFAULT_PIDS_MAX
     tmpfs_size_mib: int | None = None
     sockets: Mapping[str, str] = field(default_factory=dict)
+    directories: Mapping[str, str] = field(default_factory=dict)
+    writable_directories: Mapping[str, str] = field(default_factory=dict)
+    heartbeat: str | None = None
+    await_boot: bool = False
     hostname: str = "enclave"
     seccomp: SeccompFilter | None = None
     name: str | None = None
@@ -96,6 +105,13 @@ class SandboxSpec:
             if not os.path.isabs(host):
                 raise ValueError(f"socket host path must be absolute: {host!r}")
             _canonical_inside(inside)
+        for host, inside in (*self.directories.items(), *self.writable_directories.items()):
+            if not os.path.isabs(host):
+                raise ValueError(f"directory host path must be absolute: {host!r}")
+            if _canonical_inside(inside) == "/":
+                raise ValueError("a host directory cannot become the sandbox's root")
+        if self.heartbeat is not None and not os.path.isabs(self.heartbeat):
+            raise ValueError(f"heartbeat must be an absolute host path: {self.heartbeat!r}")
         if not isinstance(self.rootfs, Path) and not callable(self.rootfs):
             raise TypeError("rootfs must be a Path or a callable(root: Path)")
         if not self.hostname or len(self.hostname) > 64:
@@ -213,6 +229,13 @@ class Sandbox:
                 raise SandboxError(f"channel socket {host}: {exc.strerror}") from exc
             if not stat.S_ISSOCK(mode):
                 raise SandboxError(f"channel {host} is not a Unix socket; only sockets may be shared")
+        for host in (*spec.directories, *spec.writable_directories):
+            try:
+                mode = os.lstat(host).st_mode
+            except OSError as exc:
+                raise SandboxError(f"channel directory {host}: {exc.strerror}") from exc
+            if not stat.S_ISDIR(mode):
+                raise SandboxError(f"channel directory {host} is not a directory (symlinks are refused)")
         name = spec.name or f"enclavekit-{secrets.token_hex(6)}"
         flt = spec.seccomp or sandbox_filter()
         program = flt.compile()
@@ -247,6 +270,9 @@ class Sandbox:
             doc = {
                 "parent_pid": os.getpid(), "stage": str(stage), "tmpfs_size": tmpfs, "hostname": spec.hostname,
                 "sockets": [[h, _canonical_inside(i)] for h, i in spec.sockets.items()],
+                "directories": [[h, _canonical_inside(i), False] for h, i in spec.directories.items()]
+                + [[h, _canonical_inside(i), True] for h, i in spec.writable_directories.items()],
+                "heartbeat": spec.heartbeat, "await_boot": spec.await_boot,
                 "argv": list(spec.argv), "env": dict(spec.env), "workdir": _canonical_inside(spec.workdir),
                 "uid": spec.uid, "gid": spec.gid, "cpu_ids": list(spec.cpu_ids or ()),
                 "seccomp": program.hex(), "seccomp_flags": flt.flags,
@@ -308,8 +334,9 @@ def _converse(sandbox: SandboxProcess, spec: SandboxSpec, doc: dict[str, Any], c
             elif stage == "running":
                 running = True
             elif stage == "error":
-                cls = SandboxBootError if msg.get("boot") else SandboxError
-                raise cls(f"sandbox set-up failed: {msg.get('error', '?')}", details=_console_tail(sandbox))
+                if msg.get("boot"):
+                    raise SandboxBootError(str(msg.get("error", "?")), details=_console_tail(sandbox))
+                raise SandboxError(f"sandbox set-up failed: {msg.get('error', '?')}", details=_console_tail(sandbox))
 
 
 def _populate(root: Path, source: Path | Callable[[Path], None]) -> None:

@@ -72,7 +72,7 @@ _BPF_MAXINSNS = 4096
 # Syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl; include/uapi/asm-generic/unistd.h for arm64).
 _COMMON_NEW = {  # numbers ≥ 403 are the same on every architecture
     "io_uring_setup": 425, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
-    "fsmount": 432, "fspick": 433, "clone3": 435, "mount_setattr": 442,
+    "fsmount": 432, "fspick": 433, "clone3": 435, "openat2": 437, "mount_setattr": 442, "fchmodat2": 452,
 }
 SYSCALLS: dict[int, dict[str, int]] = {
     AUDIT_ARCH_X86_64: {
@@ -83,7 +83,8 @@ SYSCALLS: dict[int, dict[str, int]] = {
         "perf_event_open": 298, "userfaultfd": 323, "keyctl": 250, "add_key": 248, "request_key": 249,
         "unshare": 272, "setns": 308, "open_by_handle_at": 304, "process_vm_readv": 310,
         "process_vm_writev": 311, "ioctl": 16, "connect": 42, "bind": 49, "accept": 43, "accept4": 288,
-        "getsockname": 51, "getpeername": 52, **_COMMON_NEW,
+        "getsockname": 51, "getpeername": 52, "open": 2, "creat": 85, "chmod": 90, "fchmod": 91, "openat": 257,
+        "fchmodat": 268, **_COMMON_NEW,
     },
     AUDIT_ARCH_AARCH64: {
         "socket": 198, "socketpair": 199, "clone": 220, "ptrace": 117, "mount": 40, "umount2": 39,
@@ -93,7 +94,7 @@ SYSCALLS: dict[int, dict[str, int]] = {
         "perf_event_open": 241, "userfaultfd": 282, "keyctl": 219, "add_key": 217, "request_key": 218,
         "unshare": 97, "setns": 268, "open_by_handle_at": 265, "process_vm_readv": 270,
         "process_vm_writev": 271, "ioctl": 29, "connect": 203, "bind": 200, "accept": 202, "accept4": 242,
-        "getsockname": 204, "getpeername": 205, **_COMMON_NEW,
+        "getsockname": 204, "getpeername": 205, "openat": 56, "fchmod": 52, "fchmodat": 53, **_COMMON_NEW,
     },
 }
 _SECCOMP_SYSCALL = {AUDIT_ARCH_X86_64: 317, AUDIT_ARCH_AARCH64: 277}
@@ -288,6 +289,15 @@ def native_arch() -> int:
 
 
 # The sandbox policy (issue 4, "seccomp"): syscalls an enclave application must never make.
+# Set-user/group-id bits (S_ISUID | S_ISGID) and the open flags that create a file (O_CREAT, __O_TMPFILE).
+_SET_ID_BITS = 0o6000
+_O_CREATING = 0o100 | 0o20000000
+# (syscall, index of the mode argument, index of the flags argument or None): calls that can give a file set-id
+# bits.  The sandbox shares writable host directories (its vsock channel directory) and inside root is the host's
+# uid 0 (identity map), so a set-uid-root file written there would be one on the host: refused.
+_SET_ID_CALLS = (("chmod", 1, None), ("fchmod", 1, None), ("fchmodat", 2, None), ("fchmodat2", 2, None),
+                 ("creat", 1, None), ("open", 2, 1), ("openat", 3, 2))
+
 _REFUSED = (
     "ptrace", "mount", "umount2", "pivot_root", "chroot", "init_module", "finit_module", "delete_module",
     "kexec_load", "kexec_file_load", "clock_settime", "clock_adjtime", "settimeofday", "adjtimex", "reboot",
@@ -305,6 +315,8 @@ def sandbox_filter(arch: int | None = None) -> SeccompFilter:
     * ``io_uring_setup`` → ``ENOSYS`` (io_uring operations bypass seccomp and could open vsock sockets).
     * ``clone3`` → ``ENOSYS`` (its flags sit behind a pointer; libc falls back to ``clone``, checked below).
     * ``clone`` with a namespace flag → ``EPERM``; the syscalls in ``_REFUSED`` → ``EPERM``.
+    * giving a file set-user/group-id bits (``chmod`` family, creating ``open``/``openat``/``creat``) → ``EPERM``;
+      ``openat2`` → ``ENOSYS`` (its mode is behind a pointer).
     * everything else is allowed; a foreign architecture or the x32 ABI kills the process.
     """
     a = native_arch() if arch is None else arch
@@ -319,6 +331,15 @@ def sandbox_filter(arch: int | None = None) -> SeccompFilter:
     # clone's flags are args[0] on both x86_64 and arm64.
     rules.append(SyscallRule("clone", eperm, (ArgMatch(0, _CLONE_NAMESPACE_FLAGS, "mask_any"),)))
     rules.extend(SyscallRule(name, eperm) for name in _REFUSED)
+    # openat2's mode sits behind a pointer: ENOSYS makes libc and runtimes fall back to openat, checked below.
+    rules.append(SyscallRule("openat2", enosys))
+    for name, mode_arg, flags_arg in _SET_ID_CALLS:
+        if name not in SYSCALLS[a]:
+            continue  # arm64 has no open/creat/chmod
+        tests: tuple[ArgMatch, ...] = (ArgMatch(mode_arg, _SET_ID_BITS, "mask_any"),)
+        if flags_arg is not None:
+            tests = (ArgMatch(flags_arg, _O_CREATING, "mask_any"), *tests)
+        rules.append(SyscallRule(name, eperm, tests))
     return SeccompFilter(tuple(rules), arch=a)
 
 

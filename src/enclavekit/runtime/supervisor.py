@@ -10,14 +10,17 @@ is nobody's child and outlives the CLI.  The supervisor then, in order:
 4. creates the enclave's vsock channel directory and starts *this enclave's* NSM on ``<run>/<id>/nsm.sock``
    (image PCRs from step 1, PCR3/PCR4 from the parent identity, debug mode zeroing the image PCRs), and its
    heartbeat listener on ``<run>/<id>/heartbeat.sock`` (§3.8: the enclave's (3, 9000); one path per enclave, so
-   parallel launches cannot race as they do with nitro-cli, aws-nitro-enclaves-cli#516);
+   parallel launches cannot race as they do with nitro-cli, aws-nitro-enclaves-cli#516; it is not visible
+   inside: the sandbox's PID 1 connects to it before it leaves the host's file system);
 5. unpacks the EIF's ramdisks into the sandbox's memory-only root: ``rootfs/`` becomes ``/``; ``cmd``, ``env``
    (and ``workdir``/``user`` when present) define the application; the bootstrap ``init`` and ``nsm.ko`` are
    measured but never executed;
-6. starts the sandbox with the NSM socket bound at ``/run/enclavekit/nsm.sock``, the heartbeat at the enclave's
-   (3, 9000) and the parent's current vsock listeners at theirs, and waits until the application runs (and, when
-   the sandbox's PID 1 sends it, for the 0xB7 heartbeat); an application that cannot start, or exits within
-   :data:`BOOT_SETTLE_SECONDS`, is E36 with the last console lines;
+6. starts the sandbox with the NSM socket bound at ``/run/enclavekit/nsm.sock`` and the vsock channel
+   directories bound at ``/run/enclavekit/vsock/3`` (the parent's listeners, read-only, so listeners created
+   later are visible) and ``/run/enclavekit/vsock/<cid>`` (the enclave's own, writable, reachable by the parent),
+   and waits for the application's boot and the 0xB7 heartbeat that PID 1 then sends; an application that
+   cannot start, exits during its boot, or whose heartbeat does not come within nitro-cli's timeout is E36 with
+   the last console lines;
 7. reports ``EnclaveRunInfo`` to the CLI, then serves the control socket (describe, terminate, console) and
    copies the console to ``<run>/<id>/console.log`` until the enclave ends or is terminated;
 8. cleans up: the sandbox (processes, cgroup, mounts), the NSM and heartbeat sockets, the control socket, the
@@ -49,8 +52,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from enclavekit.attestation.issuer import DocumentIssuer
-from enclavekit.attestation.pki import LocalPKI
 from enclavekit.errors import (
     ConfigError,
     EIFFormatError,
@@ -62,11 +63,9 @@ from enclavekit.errors import (
 from enclavekit.formats.cpio import MAGIC as CPIO_MAGIC
 from enclavekit.formats.cpio import iter_members
 from enclavekit.formats.eif import SectionType
-from enclavekit.image.describe import describe_info
 from enclavekit.image.eif_reader import EIFInfo, measure_eif
-from enclavekit.image.signing import verify_eif_signature
-from enclavekit.nsm.module import EmulatedNSM
 from enclavekit.nsm.server import NSMServer
+from enclavekit.runtime._sandbox_init import HEARTBEAT_BYTE, HEARTBEAT_PORT
 from enclavekit.runtime.allocator import AllocationLedger
 from enclavekit.runtime.console import ConsoleRecorder, tail_lines
 from enclavekit.runtime.control import ControlServer, Request, encode_reply
@@ -80,7 +79,6 @@ from enclavekit.runtime.registry import (
 from enclavekit.runtime.sandbox import Sandbox, SandboxProcess, SandboxSpec
 
 __all__ = [
-    "BOOT_SETTLE_SECONDS",
     "HEARTBEAT_BYTE",
     "HEARTBEAT_PORT",
     "INSIDE_NSM_SOCKET",
@@ -97,12 +95,7 @@ __all__ = [
     "main",
 ]
 
-# §3.8: init writes 0xB7 to (3, 9000) and expects it echoed.
-HEARTBEAT_BYTE = 0xB7
-HEARTBEAT_PORT = 9000
 _TIMEOUT_UNIT_S = 90.0  # TIMEOUT_MINUTE_MS
-# An application that exits within this window after its exec is a boot failure (E36).
-BOOT_SETTLE_SECONDS = 0.1
 INSIDE_RUN_DIR = "/run/enclavekit"
 INSIDE_NSM_SOCKET = f"{INSIDE_RUN_DIR}/nsm.sock"
 INSIDE_VSOCK_DIR = f"{INSIDE_RUN_DIR}/vsock"
@@ -198,6 +191,25 @@ class ApplicationSpec:
     workdir: str = "/"
     uid: int = 0
     gid: int = 0
+
+
+def _image_metadata(info: EIFInfo) -> dict[str, Any]:
+    """``ImageName``, ``ImageVersion`` and ``Metadata`` exactly as ``describe_info`` (image/describe.py) gives them.
+
+    Kept here so that a launch does not import describe's X.509 stack (start-up time, issue 4 benchmark).
+    """
+    if info.metadata is None:
+        return {}
+    md = info.metadata
+    meta: dict[str, Any] = dict(md.build_metadata.to_json())
+    meta["DockerInfo"] = md.docker_info
+    custom = md.custom_metadata
+    if isinstance(custom, dict):
+        for key, value in sorted(custom.items()):
+            meta.setdefault(key, value)
+    elif custom is not None:
+        meta["CustomMetadata"] = custom
+    return {"ImageName": md.image_name, "ImageVersion": md.image_version, "Metadata": meta}
 
 
 def _ramdisks(info: EIFInfo) -> tuple[Any, ...]:
@@ -554,6 +566,35 @@ def _boot_error(message: str, console: Path, *, code: str = "E36") -> EnclaveKit
     return EnclaveKitError(message, code=code, details=details)
 
 
+class _DeferredNSM:
+    """An NSM handler built on a thread; :meth:`handle` waits for it (the NSM server's handler protocol)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._module: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+
+        def run() -> None:
+            try:
+                self._module = build()
+            except BaseException as exc:  # handed to result() and handle()
+                self._error = exc
+            finally:
+                self._ready.set()
+
+        threading.Thread(target=run, name="nsm-build", daemon=True).start()
+
+    def result(self) -> Any:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._module
+
+    def handle(self, request: bytes) -> bytes:
+        response: bytes = self.result().handle(request)
+        return response
+
+
 class _Heartbeat:
     """The enclave's (3, 9000) listener (§3.8): accept, read 0xB7, echo it."""
 
@@ -601,10 +642,6 @@ class _Heartbeat:
             self.path.unlink()
 
 
-def _sandbox_supports(field_name: str) -> bool:
-    return field_name in {f.name for f in dataclasses.fields(SandboxSpec)}
-
-
 class Supervisor:
     """One enclave's life; :meth:`run` never returns normally (the process exits when the enclave is gone)."""
 
@@ -617,6 +654,7 @@ class Supervisor:
         self.record: EnclaveRecord | None = None
         self.allocated = False
         self.nsm_server: NSMServer | None = None
+        self.nsm: _DeferredNSM | None = None
         self.heartbeat: _Heartbeat | None = None
         self.sandbox: SandboxProcess | None = None
         self.recorder: ConsoleRecorder | None = None
@@ -641,44 +679,54 @@ class Supervisor:
             raise EIFFormatError(f"the EIF {path} is corrupt: its CRC32 does not match its contents "
                                  f"(header {info.header.eif_crc32:#010x}, computed {info.computed_crc:#010x})")
         if info.is_signed:
+            from enclavekit.image.signing import verify_eif_signature  # noqa: PLC0415 - X.509 for signed only
+
             verify_eif_signature(info, datetime.now(UTC))
-        described = describe_info(info)
-        extra: dict[str, Any] = {k: described[k] for k in ("ImageName", "ImageVersion", "Metadata") if k in described}
-        return info, extra
+        return info, _image_metadata(info)
 
     def _start_nsm(self, record: EnclaveRecord, info: EIFInfo) -> None:
+        """Listen on the NSM socket now; build the NSM (X.509, keys: the slow part) on a thread meanwhile.
+
+        The sandbox starts while the module is built; a request that arrives first waits for it.  A failure to
+        build it fails the launch (:meth:`_DeferredNSM.result` is checked before ``run-enclave`` returns).
+        """
         role, instance = self.req.parent_role_arn, self.req.parent_instance_id
         if role is None or instance is None:
             cfg_role, cfg_instance = load_parent_identity(self.state_home)
             role = role if role is not None else cfg_role
             instance = instance if instance is not None else cfg_instance
-        pki = LocalPKI.open(self.state_home, now=datetime.now(UTC))
         measurements: dict[int | str, bytes | str] = {}
         measurements.update(info.measurements.to_json())
-        nsm = EmulatedNSM(signer=DocumentIssuer(pki), random_source=os.urandom,
-                          clock_ms=lambda: time.time_ns() // 1_000_000, module_id=record.enclave_id,
-                          measurements=measurements, parent_role_arn=role,
-                          parent_instance_id=instance, debug_mode=self.req.debug_mode)
-        server = NSMServer(nsm, self.registry.nsm_path(record.enclave_id), idle_timeout=None)
+        state_home, debug_mode = self.state_home, self.req.debug_mode
+
+        def build() -> Any:
+            # deferred: the X.509 stack loads here, on this thread, while the sandbox starts
+            from enclavekit.attestation.issuer import DocumentIssuer  # noqa: PLC0415
+            from enclavekit.attestation.pki import LocalPKI  # noqa: PLC0415
+            from enclavekit.nsm.module import EmulatedNSM  # noqa: PLC0415
+
+            pki = LocalPKI.open(state_home, now=datetime.now(UTC))
+            return EmulatedNSM(signer=DocumentIssuer(pki), random_source=os.urandom,
+                               clock_ms=lambda: time.time_ns() // 1_000_000, module_id=record.enclave_id,
+                               measurements=measurements, parent_role_arn=role,
+                               parent_instance_id=instance, debug_mode=debug_mode)
+
+        self.nsm = _DeferredNSM(build)
+        server = NSMServer(self.nsm, self.registry.nsm_path(record.enclave_id), idle_timeout=None)
         server.start()
         self.nsm_server = server
 
-    def _sockets(self, record: EnclaveRecord) -> dict[str, str]:
-        socks = {str(self.registry.nsm_path(record.enclave_id)): INSIDE_NSM_SOCKET,
-                 str(self.registry.heartbeat_path(record.enclave_id)):
-                     f"{INSIDE_VSOCK_DIR}/{PARENT_CID}/{HEARTBEAT_PORT}.sock"}
-        # the parent's current listeners, each at its (3, port) path inside
+    def _channels(self, record: EnclaveRecord, app: ApplicationSpec) -> dict[str, Any]:
+        """What of the host the sandbox sees: its NSM socket and the two vsock channel directories (§ module doc)."""
         parent_dir = self.registry.vsock_root / str(PARENT_CID)
-        with contextlib.suppress(OSError):
-            for entry in sorted(os.listdir(parent_dir)):
-                port, _, ext = entry.partition(".")
-                if ext != "sock" or not port.isdigit() or int(port) == HEARTBEAT_PORT:
-                    continue
-                host = parent_dir / entry
-                with contextlib.suppress(OSError):
-                    if stat.S_ISSOCK(os.lstat(host).st_mode):
-                        socks[str(host)] = f"{INSIDE_VSOCK_DIR}/{PARENT_CID}/{entry}"
-        return socks
+        own_dir = self.registry.vsock_root / str(record.cid)
+        parent_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        own_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # the application creates its listeners there, as whatever user the image names
+        os.chown(own_dir, app.uid, app.gid)
+        return {"sockets": {str(self.registry.nsm_path(record.enclave_id)): INSIDE_NSM_SOCKET},
+                "directories": {str(parent_dir): f"{INSIDE_VSOCK_DIR}/{PARENT_CID}"},
+                "writable_directories": {str(own_dir): f"{INSIDE_VSOCK_DIR}/{record.cid}"}}
 
     def setup(self) -> EnclaveRecord:
         req = self.req
@@ -716,19 +764,17 @@ class Supervisor:
         def populate(root: Path) -> None:
             with open(eif_path, "rb") as f:
                 unpack_rootfs(f, info, root)
-            for d in (INSIDE_RUN_DIR, INSIDE_VSOCK_DIR, f"{INSIDE_VSOCK_DIR}/{record.cid}"):
+            for d in (INSIDE_RUN_DIR, INSIDE_VSOCK_DIR):
                 target = root / d.lstrip("/")
                 with contextlib.suppress(FileExistsError):
                     target.mkdir(mode=0o755, parents=True)
                 os.chown(target, app.uid, app.gid)
 
-        options: dict[str, Any] = {}
-        if _sandbox_supports("heartbeat"):
-            options["heartbeat"] = f"{INSIDE_VSOCK_DIR}/{PARENT_CID}/{HEARTBEAT_PORT}.sock"
         spec = SandboxSpec(argv=app.argv, rootfs=populate, memory_mib=alloc.memory_mib, env=env,
                            workdir=app.workdir, uid=app.uid, gid=app.gid, cpu_ids=alloc.cpu_ids,
-                           sockets=self._sockets(record), name=f"enclavekit-{record.enclave_id.rsplit('-enc', 1)[1]}",
-                           **options)
+                           name=f"enclavekit-{record.enclave_id.rsplit('-enc', 1)[1]}",
+                           heartbeat=str(self.registry.heartbeat_path(record.enclave_id)), await_boot=True,
+                           **self._channels(record, app))
         try:
             self.sandbox = Sandbox.start(spec, stage_parent=enclave_dir)
         except SandboxBootError as exc:
@@ -739,28 +785,24 @@ class Supervisor:
             raise _boot_error(f"the enclave did not boot: {exc.message}", console_path) from exc
         record = self._update(cgroup_dirs=tuple(str(d) for d in self.sandbox.cgroup.dirs))
         self.recorder.start(os.dup(self.sandbox.console.fileno()))
-        # §3.8: wait for the heartbeat when PID 1 sends one
+        # §3.8: the application has booted (PID 1 saw it wait); now the heartbeat must come, within the timeout
         sandbox = self.sandbox
 
         def alive() -> bool:
             return sandbox.returncode is None
 
-        if options:
-            limit = req.boot_timeout or boot_timeout(info.file_size, alloc.memory_mib)
-            try:
-                self.heartbeat.wait(limit, alive)
-            except TimeoutError:
-                raise _boot_error(f"no heartbeat from the enclave within {limit:g} s", console_path) from None
-            except ChildProcessError:
-                pass  # reported below with the exit status
-        # an application that exits at once did not boot
-        deadline = time.monotonic() + BOOT_SETTLE_SECONDS
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not alive():
-            status = self.sandbox.returncode
+        limit = req.boot_timeout or boot_timeout(info.file_size, alloc.memory_mib)
+        try:
+            self.heartbeat.wait(limit, alive)
+        except TimeoutError:
+            raise _boot_error(f"no heartbeat from the enclave within {limit:g} s", console_path) from None
+        except ChildProcessError:
+            status = sandbox.wait()
             self.recorder.wait(1.0)
-            raise _boot_error(f"the enclave's application exited at boot with status {status}", console_path)
+            raise _boot_error(f"the enclave ended with status {status} before its boot heartbeat",
+                              console_path) from None
+        assert self.nsm is not None
+        self.nsm.result()  # the NSM was built (or its error is the launch's)
         self.control = ControlServer(self.registry.control_path(record.enclave_id), self._handle,
                                      owner_uid=req.owner_uid)
         self.control.start()

@@ -205,6 +205,33 @@ def _check_path(path: Path) -> str:
     return text
 
 
+def _untrusted_target(address: VsockAddress) -> bool:
+    """An enclave's channel directory is writable by that enclave: the parent must not follow what it puts there."""
+    return address.cid != VMADDR_CID_PARENT
+
+
+@contextlib.contextmanager
+def _pinned(path: str, address: VsockAddress) -> Iterator[str]:
+    """A path to connect to that names exactly the socket inode at ``path``, never a symlink's target.
+
+    For an enclave's directory (:func:`_untrusted_target`) the socket file is opened ``O_PATH | O_NOFOLLOW`` and
+    the connection goes through ``/proc/self/fd/N``: a symlink or a swap after the check cannot redirect the
+    parent to another socket of the host.
+    """
+    if not _untrusted_target(address):
+        yield path
+        return
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # O_PATH|O_NOFOLLOW opens a symlink itself
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISSOCK(mode):
+            what = "a symlink" if stat.S_ISLNK(mode) else "not a socket"
+            raise VsockConnectionRefused(f"connection to vsock {address} refused: its channel is {what}")
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def _remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -258,7 +285,8 @@ class UnixVsockTransport:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(path)
+            with _pinned(path, address) as target:
+                sock.connect(target)
             sock.settimeout(_remaining(deadline))
             result = run_connector(_PeekLineStream(sock), address.port)
             sock.settimeout(None)
@@ -324,7 +352,8 @@ class UnixVsockTransport:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path)
+                with _pinned(path, address) as target:
+                    reader, writer = await asyncio.open_unix_connection(target)
                 machine = ConnectorHandshake(address.port)
                 writer.write(machine.request())
                 await writer.drain()

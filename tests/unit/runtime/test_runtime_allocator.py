@@ -108,6 +108,9 @@ def test_config_cpu_pool() -> None:
     ("memory_mib: 512\ncpu_pool: 1,1\n", "more than once"),
     ("---\nmemory_mib: 512\n---\ncpu_count: 1\n", "second document"),
     ("memory_mib 512\ncpu_count: 1\n", "expected memory_mib"),
+    ("memory_mib: 512\ncpu_count: 1\ncpu_sharing: yes\n", "true or false"),
+    ("memory_mib: 512\ncpu_count: 1\ncpu_sharing:\n", "no value"),
+    ("memory_mib: 512\ncpu_count: 1\ncpu_sharing: true\ncpu_sharing: true\n", "given twice"),
 ])
 def test_config_invalid_is_e03(text: str, why: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -202,6 +205,44 @@ def test_too_little_memory_e26(memory: int, eif_size: int) -> None:
         _pool().allocate("e", memory, cpu_count=1, eif_size=eif_size)
     assert _code(info) == "E26"
     assert "must be allocated" in str(info.value)
+
+
+# ---------------------------------------------------------------- cpu_sharing (enclavekit's extension)
+
+_SHARED = "memory_mib: 1024\ncpu_pool: 1\ncpu_sharing: true\n"
+
+
+def test_config_cpu_sharing_round_trip() -> None:
+    cfg = AllocatorConfig.parse(_SHARED)
+    assert cfg.cpu_sharing is True
+    assert AllocatorConfig.parse(cfg.to_text()) == cfg
+    assert AllocatorConfig.parse("memory_mib: 1\ncpu_count: 1\n").cpu_sharing is False  # AWS's default
+    assert AllocatorConfig.parse("memory_mib: 1\ncpu_count: 1\ncpu_sharing: false\n").cpu_sharing is False
+
+
+def test_shared_cpus_go_to_several_enclaves_and_stay_pinned() -> None:
+    pool = _pool(_SHARED, online=(0, 1))
+    got = [pool.allocate(f"e{i}", 64, cpu_count=1).cpu_ids for i in range(8)]
+    got.append(pool.allocate("by-id", 64, cpu_ids=[1]).cpu_ids)
+    assert got == [(1,)] * 9
+
+
+def test_shared_pool_still_refuses_cpus_outside_it_e21_and_too_many_e22() -> None:
+    pool = _pool(_SHARED, online=(0, 1))
+    with pytest.raises(AllocatorError) as info:
+        pool.allocate("a", 64, cpu_ids=[0])
+    assert _code(info) == "E21"
+    with pytest.raises(AllocatorError) as info:
+        pool.allocate("b", 64, cpu_count=2)
+    assert _code(info) == "E22"
+
+
+def test_shared_pool_keeps_memory_exclusive_e27() -> None:
+    pool = _pool(_SHARED, online=(0, 1))
+    pool.allocate("a", 1000, cpu_count=1)
+    with pytest.raises(AllocatorError) as info:
+        pool.allocate("b", 64, cpu_count=1)
+    assert _code(info) == "E27"
 
 
 def test_not_enough_memory_e27() -> None:
