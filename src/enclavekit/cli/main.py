@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "attestation": "enclavekit.cli.attestation",
     "vsock-proxy": "enclavekit.cli.vsock_proxy",
     "kms": "enclavekit.cli.kms",
+    "audit": "enclavekit.cli.audit",
     "explain": "enclavekit.cli.explain",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
