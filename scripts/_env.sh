@@ -8,6 +8,16 @@ ensure_venv() {
         exit 1
     fi
     if [ ! -x "$VENV/bin/python" ]; then
+        if ! "$py" -m venv --help >/dev/null 2>&1 || ! "$py" -c 'import ensurepip' >/dev/null 2>&1; then
+            # Debian and Ubuntu ship venv separately
+            if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+                DEBIAN_FRONTEND=noninteractive apt-get update -qq
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            else
+                echo "Python's venv module is missing: install python3-venv (Debian/Ubuntu), then run again" >&2
+                exit 1
+            fi
+        fi
         "$py" -m venv "$VENV"
     fi
     local stamp="$VENV/.installed"

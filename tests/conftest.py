@@ -18,6 +18,14 @@ SHARED = (REPO / ".." / "shared").resolve()
 FIXTURES = SHARED / "fixtures"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite reads real-world fixtures from ../shared/fixtures: without them, say so once, up front."""
+    if not (FIXTURES / "manifest.json").is_file():
+        raise pytest.UsageError(
+            f"the shared fixtures directory ../shared/fixtures (beside the repository) is required: expected "
+            f"{FIXTURES}/manifest.json. Check out or mount the shared directory next to the repository.")
+
+
 @pytest.fixture(autouse=True)
 def _offline_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     path = Path(str(request.node.fspath))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import io
 import json
 import os
@@ -139,3 +140,72 @@ def test_eif_diff_exit_codes(rootfs: Path, tmp_path: Path) -> None:
     assert doc["Ramdisks"][0]["changed"][0]["path"] == "env"
     missing = _run("eif-diff", str(a), str(tmp_path / "none.eif"))
     _assert_clean_error(missing, "E19")
+
+
+def _gzip_docker_archive(path: Path, size: int) -> Path:
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]}}).encode()
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("l/layer.tar", gzip.compress(layer.getvalue(), mtime=0)), ("c.json", config),
+                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def test_max_layer_size(tmp_path: Path) -> None:
+    archive = _gzip_docker_archive(tmp_path / "img.tar", 3 << 20)
+    out = tmp_path / "x.eif"
+    base = ["build-enclave", "--docker-uri", f"docker-archive:{archive}", "--output-file", str(out), "--arch",
+            "x86_64"]
+    proc = _run(*base, "--max-layer-size", "1M")
+    _assert_clean_error(proc, "E63")
+    assert "--max-layer-size" in proc.stderr
+    assert not out.exists()
+    _assert_clean_error(_run(*base, "--max-layer-size", "lots"), "E03")
+    assert _run(*base, "--max-layer-size", "4M").returncode == 0
+
+
+def test_metadata_that_is_not_an_object_is_refused(rootfs: Path, tmp_path: Path) -> None:
+    meta = tmp_path / "meta.json"
+    meta.write_text('"str"')
+    out = tmp_path / "x.eif"
+    proc = _run("build-enclave", "--docker-uri", f"dir:{rootfs}", "--cmd", "/x", "--metadata", str(meta),
+                "--output-file", str(out))
+    _assert_clean_error(proc, "E03")
+    assert "must be a JSON object" in proc.stderr
+    assert not out.exists()
+
+
+def test_symlink_over_a_directory_in_one_layer_is_refused(tmp_path: Path) -> None:
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("a/init")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+        link = tarfile.TarInfo("a")
+        link.type, link.linkname = tarfile.SYMTYPE, "/"
+        tar.addfile(link)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]}}).encode()
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (("l/layer.tar", layer.getvalue()), ("c.json", config),
+                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    out = tmp_path / "x.eif"
+    _assert_clean_error(_run("build-enclave", "--docker-uri", f"docker-archive:{archive}", "--output-file",
+                             str(out), "--arch", "x86_64"), "E62")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar"]
+
+
+@pytest.mark.parametrize(("code", "name"), [("E49", "DockerImageBuild"), ("E50", "DockerImagePull")])
+def test_explain_knows_the_docker_codes(code: str, name: str) -> None:
+    proc = _run("explain", "--error-code", code)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"[ {code} ] {name}")

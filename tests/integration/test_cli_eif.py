@@ -175,3 +175,35 @@ def test_export_payload_failure_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "bad.eif").write_bytes(b"not an eif")
     failed("E35", "sign-eif", "--eif-path", tmp_path / "bad.eif", "--export-payload", tmp_path / "payload.bin")
     assert not (tmp_path / "payload.bin").exists()
+
+
+@pytest.mark.parametrize("how", ["same-path", "other-spelling", "symlink", "hard-link"])
+def test_export_payload_onto_the_eif_itself_is_refused(eif: Path, how: str) -> None:
+    before = eif.read_bytes()
+    if how == "same-path":
+        target = eif
+    elif how == "other-spelling":
+        target = eif.parent / "." / eif.name
+    elif how == "symlink":
+        target = eif.parent / "link.eif"
+        target.symlink_to(eif.name)
+    else:
+        target = eif.parent / "hard.eif"
+        target.hardlink_to(eif)
+    result = failed("E03", "sign-eif", "--eif-path", eif, "--export-payload", target)
+    assert "is the image itself" in result.stderr
+    assert eif.read_bytes() == before
+
+
+def test_sign_eif_refuses_a_corrupt_image_unless_forced(eif: Path, keys: dict[str, Path], tmp_path: Path) -> None:
+    data = bytearray(eif.read_bytes())
+    data[-1] ^= 1
+    eif.write_bytes(bytes(data))
+    sign = ["sign-eif", "--eif-path", eif, "--signing-certificate", keys["cert"], "--private-key", keys["key"]]
+    result = failed("E61", *sign)
+    assert "the image's CRC does not match; it is corrupt" in result.stderr and "--force" in result.stderr
+    assert eif.read_bytes() == bytes(data)
+    failed("E61", "sign-eif", "--eif-path", eif, "--export-payload", tmp_path / "payload.bin")
+    assert not (tmp_path / "payload.bin").exists()
+    ok(*sign, "--force")
+    assert json.loads(ok("describe-eif", "--eif-path", eif, "--strict").stdout)["CheckCRC"] is True

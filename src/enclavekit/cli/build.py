@@ -14,16 +14,13 @@ import platform
 import sys
 from typing import Any
 
-from enclavekit.errors import EnclaveKitError
+from enclavekit.errors import DockerDaemonError
 from enclavekit.image.builder import BuildOptions, build_enclave, parse_source_date_epoch
+from enclavekit.image.sources import DEFAULT_MAX_LAYER_SIZE, parse_size
 
 __all__ = ["register", "run", "host_arch"]
 
 _PROGRESS_MIN_BYTES = 64 << 20
-
-
-class DockerDaemonError(EnclaveKitError):
-    code = "E49"
 
 
 def host_arch() -> str:
@@ -54,6 +51,10 @@ def register(sub: Any) -> None:
     p.add_argument("--user", help="user to run as (replaces the image's USER)")
     p.add_argument("--arch", choices=["x86_64", "aarch64"], default=None,
                    help="enclave architecture (default: the host's)")
+    p.add_argument("--max-layer-size", metavar="SIZE", default=None,
+                   help="the most the image's gzip layers may decompress to, in total, in temporary disk space "
+                        f"(e.g. 512M, 32G; default {DEFAULT_MAX_LAYER_SIZE >> 30}G): a guard against "
+                        "decompression bombs")
     p.set_defaults(func=run)
 
 
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         docker_uri=args.docker_uri, output_file=args.output_file, arch=args.arch or host_arch(),
         blobs_dir=args.blobs, name=args.name, version=args.version, metadata_file=args.metadata, cmd=args.cmd,
         env=tuple(args.env), workdir=args.workdir, user=args.user, signing_certificate=args.signing_certificate,
-        private_key=args.private_key, source_date_epoch=parse_source_date_epoch(os.environ.get("SOURCE_DATE_EPOCH")))
+        private_key=args.private_key, source_date_epoch=parse_source_date_epoch(os.environ.get("SOURCE_DATE_EPOCH")),
+        max_layer_size=parse_size(args.max_layer_size) if args.max_layer_size is not None else DEFAULT_MAX_LAYER_SIZE)
     print("Start building the Enclave Image...", file=sys.stderr)
     state: dict[str, Any] = {}
 

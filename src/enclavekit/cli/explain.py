@@ -7,6 +7,8 @@ import sys
 
 from enclavekit.errors import CATALOGUE, lookup
 
+__all__ = ["register", "run", "markdown_table"]
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(

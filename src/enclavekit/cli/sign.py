@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--algorithm", choices=sorted(_ALG_BY_NAME),
                    help="with --export-payload and no certificate: the COSE algorithm (default ES384)")
     p.add_argument("--signature", metavar="FILE", help="attach the ECDSA signature in FILE (DER or raw r||s)")
+    p.add_argument("--force", action="store_true",
+                   help="sign (or export the payload of) an image whose CRC does not match, i.e. a corrupt one")
     p.set_defaults(func=run)
 
 
@@ -64,7 +66,20 @@ def _read(path: str, what: str, limit: int) -> bytes:
                                  details={"File": path, "Operation": "Read"}) from exc
 
 
+def _check_not_the_eif(payload_path: str, eif_path: str) -> None:
+    """Refuse a payload path that names the EIF itself (or a link to it): writing it would destroy the image."""
+    try:
+        same = os.path.samefile(payload_path, eif_path)
+    except OSError:
+        same = False  # the payload file does not exist yet (or the EIF does not: measuring reports that)
+    if same or Path(payload_path).absolute() == Path(eif_path).absolute():
+        raise ConfigError(f"--export-payload {payload_path} is the image itself (--eif-path {eif_path}); writing "
+                          "the payload there would overwrite the image",
+                          hint="Write the payload to another file, e.g. --export-payload payload.bin.")
+
+
 def _write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename: never a half-written file."""
     target = Path(path)
     tmp: str | None = None
     try:
@@ -103,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
             public_key = key.public_key()
             assert isinstance(public_key, ec.EllipticCurvePublicKey)
             alg = alg_for_key(public_key)
-        payload = export_payload(args.eif_path, alg=alg)
+        _check_not_the_eif(args.export_payload, args.eif_path)
+        payload = export_payload(args.eif_path, alg=alg, force=args.force)
         _write_atomic(args.export_payload, payload)
         name, hash_name, _ = ALGORITHMS[alg]
         sys.stdout.write(json.dumps({"PayloadFile": args.export_payload, "Algorithm": name,
@@ -120,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"the signature file {args.signature} is larger than {_MAX_SIGNATURE} bytes; an "
                               "ECDSA signature is at most 139 bytes")
         cert_pem = _read(args.signing_certificate, "signing certificate", 1 << 16)
-        measurements = attach_signature(args.eif_path, signature, cert_pem)
+        measurements = attach_signature(args.eif_path, signature, cert_pem, force=args.force)
     else:
         signer = EIFSigner.from_files(args.signing_certificate, args.private_key)
-        measurements = sign_eif(args.eif_path, signer)
+        measurements = sign_eif(args.eif_path, signer, force=args.force)
     _print_measurements(measurements.to_json())
     print("Enclave Image successfully signed.", file=sys.stderr)
     return 0

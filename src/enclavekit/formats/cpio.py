@@ -22,6 +22,7 @@ its own copy of the data): the archive then unpacks to the same contents on ever
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import stat
@@ -73,7 +74,7 @@ class CpioContent(Protocol):
     def chunks(self) -> Iterator[bytes | memoryview]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BytesContent:
     """Content held in memory (small files: ``cmd``, ``env``, test data)."""
 
@@ -117,7 +118,7 @@ def normalised_mode(file_type: int, mode: int) -> int:
 _ALLOWED_TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CpioEntry:
     """One entry to write.  ``mode`` holds the file type bits and the permissions (``stat.S_IFREG | 0o644``).
 
@@ -244,7 +245,7 @@ class CpioArchive:
 # ---------------------------------------------------------------------------------------------------- reader
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CpioMember:
     """One entry read from an archive.  ``data`` is filled by :func:`decode` (and by ``iter_members`` when asked)."""
 
@@ -371,5 +372,5 @@ def decode(data: bytes, *, max_member_size: int = 64 << 20) -> list[CpioMember]:
             raise CpioFormatError(f"cpio entry {member.name!r} is {member.size} bytes, above the "
                                   f"{max_member_size}-byte limit for in-memory decoding")
         body = b"".join(chunks)
-        out.append(CpioMember(**{**member.__dict__, "data": body}))
+        out.append(dataclasses.replace(member, data=body))
     return out

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from enclavekit import __version__
-from enclavekit.errors import ConfigError, FileOperationError, ImageBuildError
+from enclavekit.errors import ConfigError, FileOperationError, ImageBuildError, UnsafeArchiveEntry
 from enclavekit.formats.cpio import BytesContent, CpioArchive, CpioEntry
 from enclavekit.formats.eif import BuildMetadata, EIFMetadata, kernel_config_info
 from enclavekit.formats.pcr import Measurements
@@ -39,6 +39,7 @@ from enclavekit.image.eif_writer import EIFContent, FileSource, write_eif
 from enclavekit.image.signing import EIFSigner
 from enclavekit.image.sources import (
     ARCH_TO_PLATFORM,
+    DEFAULT_MAX_LAYER_SIZE,
     FileContent,
     LoadedImage,
     RunSpec,
@@ -88,6 +89,7 @@ class BuildOptions:
     source_date_epoch: int | None = None
     now: dt.datetime | None = None
     environ: Mapping[str, str] | None = field(default=None, repr=False)
+    max_layer_size: int = DEFAULT_MAX_LAYER_SIZE
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,11 @@ def build_time(source_date_epoch: int | None, now: dt.datetime | None) -> str:
 
 
 def load_custom_metadata(path: str) -> Any:
-    """``--metadata FILE``: a regular file of at most 4096 bytes holding one JSON value (§1.8)."""
+    """``--metadata FILE``: a regular file of at most 4096 bytes holding one JSON object (§1.8).
+
+    nitro-cli's describe-eif reads ``CustomMetadata`` back as a JSON object (``serde_json::Map``) and fails on an
+    EIF holding a string, number, array or null there, so anything but an object is refused at build time.
+    """
     p = Path(path)
     try:
         st = p.stat()
@@ -140,9 +146,26 @@ def load_custom_metadata(path: str) -> Any:
     if len(data) > CUSTOM_METADATA_MAX_SIZE:
         raise ConfigError(f"the metadata file {path} grew above {CUSTOM_METADATA_MAX_SIZE} bytes")
     try:
-        return json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"the metadata file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"the metadata file {path} holds a JSON {_json_kind(value)}; custom metadata must be a "
+                          "JSON object ({...})",
+                          hint='Wrap the value in an object, e.g. {"note": "..."}: describe-eif only reads objects.')
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "number"
 
 
 def _file_entry(path: str, source: Path, mode: int, mtime: int) -> CpioEntry:
@@ -175,21 +198,33 @@ def customer_ramdisk(image: LoadedImage, run: RunSpec, *, mtime: int = 0) -> Cpi
     unknown files, see docs/blobs.md).
     """
     entries: dict[str, CpioEntry] = {"rootfs": CpioEntry("rootfs", stat.S_IFDIR | 0o755, mtime=mtime)}
+    modes: dict[int, int] = {}
     for e in image.tree.values():
         path = "rootfs/" + e.path
         if e.size > _NEWC_MAX_FILE:
             raise ImageBuildError(f"{e.path} is {e.size} bytes; a newc cpio ramdisk holds files below 4 GiB")
-        entries[path] = CpioEntry(path, e.file_type | e.mode, uid=e.uid, gid=e.gid, mtime=mtime,
+        mode = modes.setdefault(e.file_type | e.mode, e.file_type | e.mode)  # one int object per distinct mode
+        entries[path] = CpioEntry(path, mode, uid=e.uid, gid=e.gid, mtime=mtime,
                                   content=e.content if e.file_type == stat.S_IFREG else None,
                                   link_target=e.link_target, rdev_major=e.rdev_major, rdev_minor=e.rdev_minor)
     # Parents the layers did not list explicitly, then the customer YAML's directories (an image's own entry wins:
-    # /tmp keeps its 1777).
+    # /tmp keeps its 1777).  Last line of defence against writing through a link (E62): the kernel's initramfs
+    # unpacker follows a symlink met as a parent, so every ancestor of every entry must be a directory.  Checking
+    # each entry's parent suffices: that parent is itself an entry whose parent is checked in turn.
+    dir_mode = stat.S_IFDIR | 0o755
     for path in list(entries):
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if parent not in entries:
-                entries[parent] = CpioEntry(parent, stat.S_IFDIR | 0o755, mtime=mtime)
+        parent = path.rpartition("/")[0]
+        while parent:
+            existing = entries.get(parent)
+            if existing is not None:
+                if existing.file_type != stat.S_IFDIR:
+                    kind = "a symlink" if existing.file_type == stat.S_IFLNK else "not a directory"
+                    raise UnsafeArchiveEntry(f"{path.removeprefix('rootfs/')!r} lies below "
+                                             f"{parent.removeprefix('rootfs/')!r}, which is {kind}; unpacking the "
+                                             "ramdisk would write through it")
+                break
+            entries[parent] = CpioEntry(parent, dir_mode, mtime=mtime)
+            parent = parent.rpartition("/")[0]
     for d in CUSTOMER_DIRS:
         path = f"rootfs/{d}"
         entries.setdefault(path, CpioEntry(path, stat.S_IFDIR | 0o755, mtime=mtime))
@@ -239,7 +274,7 @@ def build_enclave(options: BuildOptions, *, on_start: Callable[[int], None] | No
     env = parse_env_overrides(list(options.env))
     signer = _load_signer(options.signing_certificate, options.private_key)
 
-    with open_source(options.docker_uri, arch=options.arch) as image:
+    with open_source(options.docker_uri, arch=options.arch, max_layer_size=options.max_layer_size) as image:
         run = resolve_run_spec(image.config, cmd=cmd, env=env, workdir=options.workdir, user=options.user,
                                transport=image.transport)
         want = ARCH_TO_PLATFORM[options.arch]

@@ -149,8 +149,9 @@ class EIFDiff:
             lines.append(f"Measurements differ: {', '.join(self.pcrs)}")
             for k, (a, b) in self.pcrs.items():
                 lines.append(f"  {k} ({_PCR_SCOPE.get(k, '')}):")
-                lines.append(f"    a: {a}")
-                lines.append(f"    b: {b}")
+                # PCR8 exists only for a signed image: an unsigned side reads "absent", not "None".
+                lines.append(f"    a: {a if a is not None else 'absent'}")
+                lines.append(f"    b: {b if b is not None else 'absent'}")
         else:
             lines.append("Measurements are identical (PCR0, PCR1, PCR2 and PCR8).")
         for k, (a, b) in self.header.items():

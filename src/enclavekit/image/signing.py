@@ -46,6 +46,7 @@ from enclavekit._internal.ecdsa import alg_for_key, sign_cose, verify_raw
 from enclavekit.errors import (
     DetachedSignatureError,
     EIFSignatureError,
+    EIFValidationError,
     FileOperationError,
     FormatError,
     SigningCertificateError,
@@ -195,11 +196,23 @@ def _measure_path(path: str | os.PathLike[str]) -> EIFInfo:
                                  details={"File": os.fspath(path), "Operation": "Read"}) from exc
 
 
-def _rewrite_signed(path: str | os.PathLike[str], make_section: Callable[[EIFInfo], bytes]) -> EIFInfo:
+def _check_crc(info: EIFInfo, target: Path, force: bool) -> None:
+    # §1.4: eif_crc32 covers the header and every section.  Rewriting recomputes it, so signing a corrupt image
+    # would hand back a file whose CRC is valid again and whose corruption nothing detects any more.
+    if not info.crc_ok and not force:
+        raise EIFValidationError(
+            f"the image's CRC does not match; it is corrupt: {target} has eif_crc32 "
+            f"{info.header.eif_crc32:#010x}, its content gives {info.computed_crc:#010x}", rule="crc",
+            hint="Rebuild the image. To sign it anyway (its PCRs are those of the corrupt content), pass --force.")
+
+
+def _rewrite_signed(path: str | os.PathLike[str], make_section: Callable[[EIFInfo], bytes], *,
+                    force: bool = False) -> EIFInfo:
     """Rewrite ``path`` without its signature section(s) plus a new one from ``make_section(info)``.
 
     One pass measures the source (for PCR0) and one copies it into a temporary file beside it, whose header is
-    rebuilt from what was written; the temporary file replaces ``path`` atomically at the end.
+    rebuilt from what was written; the temporary file replaces ``path`` atomically at the end.  An image whose
+    CRC does not match is refused (E61, rule ``crc``) unless ``force``.
     """
     target = Path(path)
     try:
@@ -211,6 +224,7 @@ def _rewrite_signed(path: str | os.PathLike[str], make_section: Callable[[EIFInf
     try:
         with src:
             info = measure_eif(src)
+            _check_crc(info, target, force)
             section = make_section(info)  # before touching the disk: key and signature errors write nothing
             fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             with os.fdopen(fd, "w+b") as out:
@@ -236,23 +250,29 @@ def _rewrite_signed(path: str | os.PathLike[str], make_section: Callable[[EIFInf
     return info
 
 
-def sign_eif(path: str | os.PathLike[str], signer: EIFSigner) -> Measurements:
-    """Sign the EIF at ``path`` in place (append a signature, or replace the existing one)."""
-    info = _rewrite_signed(path, lambda i: signer.signature_section(i.measurements.pcr0))
+def sign_eif(path: str | os.PathLike[str], signer: EIFSigner, *, force: bool = False) -> Measurements:
+    """Sign the EIF at ``path`` in place (append a signature, or replace the existing one).
+
+    A file whose CRC does not match is refused (E61) unless ``force``.
+    """
+    info = _rewrite_signed(path, lambda i: signer.signature_section(i.measurements.pcr0), force=force)
     return replace(info.measurements, pcr8=signer.pcr8)
 
 
 def export_payload(path: str | os.PathLike[str], *, alg: int | None = None,
-                   certificate_pem: bytes | None = None) -> bytes:
+                   certificate_pem: bytes | None = None, force: bool = False) -> bytes:
     """The bytes an offline signer must sign for the EIF at ``path`` (see the module docs).
 
-    The algorithm comes from ``certificate_pem``'s key if given, else ``alg``, else ES384.
+    The algorithm comes from ``certificate_pem``'s key if given, else ``alg``, else ES384.  A file whose CRC does
+    not match is refused (E61) unless ``force``: its signature could not be attached later anyway.
     """
     if certificate_pem is not None:
         key = load_signing_certificate(certificate_pem).public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)
         alg = alg_for_key(key)
-    return signing_payload(_measure_path(path).measurements.pcr0, alg if alg is not None else DEFAULT_OFFLINE_ALG)
+    info = _measure_path(path)
+    _check_crc(info, Path(path), force)
+    return signing_payload(info.measurements.pcr0, alg if alg is not None else DEFAULT_OFFLINE_ALG)
 
 
 def _raw_candidates(signature: bytes, size: int) -> list[bytes]:
@@ -270,8 +290,12 @@ def _raw_candidates(signature: bytes, size: int) -> list[bytes]:
     return out
 
 
-def attach_signature(path: str | os.PathLike[str], signature: bytes, certificate_pem: bytes) -> Measurements:
-    """Attach an ECDSA signature made elsewhere over :func:`export_payload`'s bytes, after verifying it."""
+def attach_signature(path: str | os.PathLike[str], signature: bytes, certificate_pem: bytes, *,
+                     force: bool = False) -> Measurements:
+    """Attach an ECDSA signature made elsewhere over :func:`export_payload`'s bytes, after verifying it.
+
+    A file whose CRC does not match is refused (E61) unless ``force``.
+    """
     cert = load_signing_certificate(certificate_pem)
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
@@ -293,7 +317,7 @@ def attach_signature(path: str | os.PathLike[str], signature: bytes, certificate
                  f"with {ALGORITHMS[alg][1].upper()}; the EIF must not change in between",
         )
 
-    info = _rewrite_signed(path, make_section)
+    info = _rewrite_signed(path, make_section, force=force)
     return replace(info.measurements, pcr8=pcr8)
 
 

@@ -48,6 +48,7 @@ from enclavekit.errors import (
     ArchiveError,
     ConfigError,
     FileOperationError,
+    ImagePullError,
     ImageSourceError,
     UnsafeArchiveEntry,
 )
@@ -63,7 +64,9 @@ __all__ = [
     "FileContent",
     "FileRegionContent",
     "ImagePullError",
+    "DEFAULT_MAX_LAYER_SIZE",
     "open_source",
+    "parse_size",
     "parse_cmd",
     "parse_env_overrides",
     "resolve_run_spec",
@@ -75,8 +78,14 @@ TRANSPORTS = ("docker-archive", "oci-archive", "oci", "dir")
 ARCH_TO_PLATFORM = {"x86_64": "amd64", "aarch64": "arm64"}
 _READ_CHUNK = 1 << 20
 _MAX_JSON = 4 << 20          # manifests, indexes and configs are small documents
-_MAX_ENTRIES = 2_000_000     # a tree description larger than this is not an enclave image
+# A tree description larger than this is not an enclave image (docs/eif.md, "Limits").  build-enclave needs about
+# 0.6 KiB of memory per entry (100k empty files: 92 MiB peak RSS), so the cap also bounds it to about 0.6 GiB.
+_MAX_ENTRIES = 1_000_000
 _MAX_ID = 0xFFFFFFFF
+# Default cap on what an image's gzip layers may decompress to, in total (temporary disk space, see _Workspace).
+DEFAULT_MAX_LAYER_SIZE = 16 << 30
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^([0-9]{1,16})\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _PORT_RE = re.compile(r"^[0-9]+/")
@@ -85,27 +94,30 @@ _INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
                 "application/vnd.docker.distribution.manifest.list.v2+json"}
 
 
-class ImagePullError(ImageSourceError):
-    """A bare image name: enclavekit has no Docker daemon or registry client to pull it."""
-
-    code = "E50"
-
-
 # ---------------------------------------------------------------------------------------------- contents
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileContent:
-    """A regular file on disk (``dir:`` sources); its size is checked again while reading."""
+    """A regular file on disk (``dir:`` sources); its size is checked again while reading.
+
+    With ``root``, ``path`` is relative to it: a ``dir:`` source shares one root string and the tree entry's own
+    path string, instead of holding one more absolute path per file.
+    """
 
     path: str
     size: int
+    root: str | None = None
+
+    @property
+    def file_path(self) -> str:
+        return os.path.join(self.root, self.path) if self.root is not None else self.path
 
     def chunks(self) -> Iterator[bytes | memoryview]:
-        yield from _read_region(self.path, 0, self.size, whole_file=True)
+        yield from _read_region(self.file_path, 0, self.size, whole_file=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRegionContent:
     """``size`` bytes at ``offset`` of a file: a member of an (uncompressed) layer tar."""
 
@@ -147,7 +159,7 @@ def _read_region(path: str, offset: int, size: int, *, whole_file: bool) -> Iter
 # ---------------------------------------------------------------------------------------------- the tree
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TreeEntry:
     """One path of the merged image: type bits, permissions (0o7777), owner, and where its content lives."""
 
@@ -246,23 +258,77 @@ def check_link_target(path: str, target: str) -> None:
             stack.append(part)
 
 
+def _shared_int(value: int, _cache: dict[int, int] = {}) -> int:  # noqa: B006 - the cache is the point
+    """One int object per distinct value: modes, owners and sizes above 256 are otherwise one object per entry."""
+    if len(_cache) < 65536:
+        return _cache.setdefault(value, value)
+    return _cache.get(value, value)
+
+
 def _parents(path: str) -> Iterator[str]:
     parts = path.split("/")
     for i in range(1, len(parts)):
         yield "/".join(parts[:i])
 
 
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
 class _Tree:
-    """Applies layers: the in-memory merged tree with whiteout and hard-link handling."""
+    """Applies layers: the in-memory merged tree with whiteout and hard-link handling.
+
+    Besides ``entries`` it keeps a children index (node -> child nodes, ``""`` is the root) over every entry and
+    every ancestor of an entry, listed or not, so that a whiteout or a replaced directory touches only its own
+    subtree: applying a layer costs time in proportion to the layer, not to the image times its whiteouts.
+    """
 
     def __init__(self) -> None:
         self.entries: dict[str, TreeEntry] = {}
+        self._children: dict[str, set[str]] = {}
+
+    def _link(self, path: str) -> None:
+        # Invariant: a node with a children set is itself linked into its parent's set.
+        while path:
+            parent = _parent(path)
+            siblings = self._children.get(parent)
+            if siblings is not None:
+                siblings.add(path)
+                return
+            self._children[parent] = {path}
+            path = parent
+
+    def _unlink_if_unused(self, path: str) -> None:
+        # A node that is neither an entry nor an ancestor of one leaves the index (and so may its parent).
+        while path and path not in self.entries and not self._children.get(path):
+            self._children.pop(path, None)
+            parent = _parent(path)
+            siblings = self._children.get(parent)
+            if siblings is None:
+                return
+            siblings.discard(path)
+            path = parent
+
+    def _descendants(self, path: str) -> list[str]:
+        """Every node strictly below ``path``, parents before their children."""
+        out: list[str] = []
+        stack = list(self._children.get(path, ()))
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(self._children.get(node, ()))
+        return out
 
     def _remove_subtree(self, path: str, keep: set[str] | None = None) -> None:
-        prefix = path + "/"
-        doomed = [p for p in self.entries if p.startswith(prefix) and (keep is None or p not in keep)]
-        for p in doomed:
-            del self.entries[p]
+        """Remove the entries below ``path`` except those in ``keep`` (and the ancestors of those)."""
+        for node in reversed(self._descendants(path)):  # children before parents
+            if keep is not None and node in keep:
+                continue
+            self.entries.pop(node, None)
+            if not self._children.get(node):
+                self._children.pop(node, None)
+                self._children[_parent(node)].discard(node)
+        self._unlink_if_unused(path)
 
     def _check_parents(self, path: str) -> None:
         for parent in _parents(path):
@@ -277,28 +343,40 @@ class _Tree:
 
     def add(self, entry: TreeEntry, added: set[str]) -> None:
         if len(self.entries) >= _MAX_ENTRIES:
-            raise ArchiveError(f"image has more than {_MAX_ENTRIES} entries")
-        self._check_parents(entry.path)
-        old = self.entries.get(entry.path)
-        if old is not None and old.is_dir and not entry.is_dir:
-            self._remove_subtree(entry.path)
-        self.entries[entry.path] = entry
-        added.add(entry.path)
+            raise ArchiveError(f"image has more than {_MAX_ENTRIES:,} entries (enclavekit's limit)")
+        path = entry.path
+        self._check_parents(path)
+        if not entry.is_dir and self._children.get(path):
+            # OCI image spec, layer changesets: an entry replaces whatever the lower layers had at its path, so a
+            # file, symlink or device hides every lower-layer entry below that path.  Within one layer, a
+            # non-directory listed after entries below it is refused: the kernel's unpacker would create the
+            # link first and then write `path/...` through it (or fail), depending on the unpacker.
+            below = self._descendants(path)
+            clash = next((p for p in below if p in added), None)
+            if clash is not None:
+                kind = "symlink" if entry.file_type == stat.S_IFLNK else "non-directory"
+                raise UnsafeArchiveEntry(f"archive entry {path!r} is a {kind} but the same layer already put "
+                                         f"{clash!r} below it; unpacking would write through it")
+            self._remove_subtree(path)
+        self.entries[path] = entry
+        self._link(path)
+        added.add(path)
 
     def whiteout(self, directory: str, name: str, added: set[str]) -> None:
         if name == ".wh..opq":
             # OCI image spec, layer changesets: an opaque whiteout hides all lower-layer children of the directory.
-            prefix = directory + "/" if directory else ""
-            doomed = [p for p in self.entries if p.startswith(prefix) and p != directory and p not in added]
-            for p in doomed:
-                del self.entries[p]
+            self._remove_subtree(directory, keep=added)
             return
         target = f"{directory}/{name}" if directory else name
         if target in added:
             return
-        if target in self.entries:
-            del self.entries[target]
+        self.entries.pop(target, None)
         self._remove_subtree(target, keep=added)
+
+    def finish(self) -> dict[str, TreeEntry]:
+        """The merged tree; the children index is dropped (it is only needed while layers are applied)."""
+        self._children = {}
+        return self.entries
 
 
 # ---------------------------------------------------------------------------------------------- tar regions
@@ -369,11 +447,17 @@ def _tar_members(tar: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
 
 
 class _Workspace:
-    """Private temporary files (decompressed gzip layers), removed when the image is closed."""
+    """Private temporary files (decompressed gzip layers), removed when the image is closed.
 
-    def __init__(self) -> None:
+    ``max_expanded`` caps the bytes all gzip layers of one image may decompress to, in total: a small hostile
+    layer (a "gzip bomb", 1 MiB expanding to terabytes) would otherwise fill the temporary file system.
+    """
+
+    def __init__(self, max_expanded: int = DEFAULT_MAX_LAYER_SIZE) -> None:
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self._n = 0
+        self.max_expanded = max_expanded
+        self.expanded = 0
 
     def new_file(self) -> str:
         if self.tmp is None:
@@ -396,16 +480,36 @@ def _uncompressed(blob: _Blob, ws: _Workspace, what: str) -> _Blob:
             out_path = ws.new_file()
             total = 0
             try:
-                with gzip.GzipFile(fileobj=io.BufferedReader(_Region(f, blob.offset, blob.size)), mode="rb") as gz, \
-                        open(out_path, "wb") as out:
+                out = open(out_path, "wb")  # noqa: SIM115 - closed in finally
+            except OSError as exc:
+                raise FileOperationError(f"cannot create a temporary file for {what}: {exc.strerror}",
+                                         details={"file": out_path, "operation": "Open"}) from exc
+            try:
+                with gzip.GzipFile(fileobj=io.BufferedReader(_Region(f, blob.offset, blob.size)), mode="rb") as gz:
                     while True:
-                        chunk = gz.read(_READ_CHUNK)
+                        try:
+                            # Never more than the remaining allowance (+1 to notice going over it).
+                            chunk = gz.read(min(_READ_CHUNK, ws.max_expanded - ws.expanded + 1))
+                        except (OSError, EOFError, zlib.error) as exc:
+                            raise ArchiveError(f"{what} is a corrupt gzip stream: {exc}") from exc
                         if not chunk:
                             break
-                        out.write(chunk)
+                        if ws.expanded + len(chunk) > ws.max_expanded:
+                            raise ImageSourceError(
+                                f"{what}: the image's gzip layers decompress to more than {ws.max_expanded} bytes "
+                                "(the --max-layer-size limit)",
+                                hint="A layer that expands this much is likely a decompression bomb; if the image "
+                                     "is genuine, raise --max-layer-size.")
+                        try:
+                            out.write(chunk)
+                        except OSError as exc:
+                            raise FileOperationError(f"cannot write the decompressed {what} to {out_path}: "
+                                                     f"{exc.strerror}",
+                                                     details={"file": out_path, "operation": "Write"}) from exc
                         total += len(chunk)
-            except (OSError, EOFError, zlib.error) as exc:
-                raise ArchiveError(f"{what} is a corrupt gzip stream: {exc}") from exc
+                        ws.expanded += len(chunk)
+            finally:
+                out.close()
             return _Blob(out_path, 0, total)
         if magic == b"\x28\xb5\x2f\xfd":
             raise ImageSourceError(f"{what} is zstd-compressed; enclavekit reads plain and gzip layers only",
@@ -426,9 +530,9 @@ def _apply_layer(tree: _Tree, blob: _Blob, what: str) -> None:
             if base.startswith(".wh."):
                 tree.whiteout(directory, base[len(".wh."):], added)
                 continue
-            uid = m.uid if 0 <= m.uid <= _MAX_ID else 0
-            gid = m.gid if 0 <= m.gid <= _MAX_ID else 0
-            perm = m.mode & 0o7777
+            uid = _shared_int(m.uid if 0 <= m.uid <= _MAX_ID else 0)
+            gid = _shared_int(m.gid if 0 <= m.gid <= _MAX_ID else 0)
+            perm = _shared_int(m.mode & 0o7777)
             if m.issparse():
                 raise ArchiveError(f"{what}: sparse file {path!r} is not supported")
             if m.isreg():
@@ -702,6 +806,7 @@ def _load_dir(root: str) -> tuple[_Tree, str]:
     base = Path(root)
     if not base.is_dir():
         raise ImageSourceError(f"dir: source {root} is not a directory")
+    base_str = str(base)
     tree = _Tree()
     added: set[str] = set()
     listing = hashlib.sha256()
@@ -720,12 +825,13 @@ def _load_dir(root: str) -> tuple[_Tree, str]:
             except OSError as exc:
                 raise FileOperationError(f"cannot stat {item.path}: {exc.strerror}",
                                          details={"file": item.path, "operation": "Read"}) from exc
-            ftype = stat.S_IFMT(st.st_mode)
+            ftype = _shared_int(stat.S_IFMT(st.st_mode))
             if ftype == stat.S_IFSOCK:
                 continue  # sockets cannot be archived (as tar does)
-            mode = stat.S_IMODE(normalised_mode(ftype, st.st_mode))
+            mode = _shared_int(stat.S_IMODE(normalised_mode(ftype, st.st_mode)))
             if ftype == stat.S_IFREG:
-                entry = TreeEntry(path, ftype, mode, size=st.st_size, content=FileContent(item.path, st.st_size))
+                size = _shared_int(st.st_size)
+                entry = TreeEntry(path, ftype, mode, size=size, content=FileContent(path, size, base_str))
             elif ftype == stat.S_IFDIR:
                 entry = TreeEntry(path, ftype, mode)
             elif ftype == stat.S_IFLNK:
@@ -744,8 +850,21 @@ def _load_dir(root: str) -> tuple[_Tree, str]:
     return tree, listing.hexdigest()
 
 
-def open_source(uri: str, *, arch: str = "x86_64") -> LoadedImage:
-    """Open a ``--docker-uri`` source and build its merged tree description (nothing is extracted or written)."""
+def parse_size(text: str) -> int:
+    """A byte count: decimal digits with an optional binary suffix (``1048576``, ``512M``, ``16G``, ``16GiB``)."""
+    m = _SIZE_RE.match(text.strip())
+    if m is None or int(m.group(1)) == 0:
+        raise ConfigError(f"expected a positive size such as 16G, 512M or 1048576, got {text!r}")
+    return int(m.group(1)) * _SIZE_SUFFIXES[m.group(2).upper()]
+
+
+def open_source(uri: str, *, arch: str = "x86_64", max_layer_size: int = DEFAULT_MAX_LAYER_SIZE) -> LoadedImage:
+    """Open a ``--docker-uri`` source and build its merged tree description (nothing is extracted or written).
+
+    ``max_layer_size`` caps the bytes the image's gzip layers may decompress to, in total (E63 beyond it).
+    """
+    if max_layer_size <= 0:
+        raise ValueError("max_layer_size must be positive")
     transport, sep, location = uri.partition(":")
     if transport not in TRANSPORTS:
         # A bare reference (`hello`, `hello:v1`, `registry:5000/x:tag`, `public.ecr.aws/x/y:v1`) would be pulled
@@ -763,12 +882,12 @@ def open_source(uri: str, *, arch: str = "x86_64") -> LoadedImage:
         raise ImageSourceError(f"image source {uri!r} names no path")
     if arch not in ARCH_TO_PLATFORM:
         raise ValueError(f"unknown architecture {arch!r}")
-    ws = _Workspace()
+    ws = _Workspace(max_layer_size)
     try:
         if transport == "dir":
             tree, digest = _load_dir(location)
             name = Path(location).resolve().name or "rootfs"
-            image = LoadedImage(uri, transport, name, f"dir:sha256:{digest[:16]}", tree.entries, ImageConfig())
+            image = LoadedImage(uri, transport, name, f"dir:sha256:{digest[:16]}", tree.finish(), ImageConfig())
         else:
             if not Path(location).exists():
                 raise FileOperationError(f"image source {location} does not exist",
@@ -783,7 +902,7 @@ def open_source(uri: str, *, arch: str = "x86_64") -> LoadedImage:
                     raise ImageSourceError(f"oci: source {location} is not a directory")
                 t, config, name, image_id, info = _load_oci(_OCIStore(Path(location), None), arch, ws,
                                                             Path(location).resolve().name)
-            image = LoadedImage(uri, transport, name, image_id.partition(":")[2], t.entries, config, info)
+            image = LoadedImage(uri, transport, name, image_id.partition(":")[2], t.finish(), config, info)
         image._tmp = ws.tmp
         ws.tmp = None
         return image
@@ -865,8 +984,9 @@ def source_description(image: LoadedImage) -> Mapping[str, Any]:
 
 
 @contextlib.contextmanager
-def opened(uri: str, *, arch: str = "x86_64") -> Iterator[LoadedImage]:
-    image = open_source(uri, arch=arch)
+def opened(uri: str, *, arch: str = "x86_64",
+           max_layer_size: int = DEFAULT_MAX_LAYER_SIZE) -> Iterator[LoadedImage]:
+    image = open_source(uri, arch=arch, max_layer_size=max_layer_size)
     try:
         yield image
     finally:

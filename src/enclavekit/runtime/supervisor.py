@@ -364,7 +364,7 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
         elif kind == stat.S_IFREG:
             key = member.ino
             if member.nlink > 1 and member.size == 0 and key in links:
-                os.link(links[key], target)
+                os.link(links[key], target, follow_symlinks=False)
             elif member.nlink > 1 and member.size == 0:
                 pending.setdefault(key, []).append(target)
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -377,7 +377,7 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
                     links[key] = target
                     for other in pending.pop(key, []):
                         os.unlink(other)
-                        os.link(target, other)
+                        os.link(target, other, follow_symlinks=False)
         elif kind == stat.S_IFLNK:
             os.symlink(b"".join(chunks).decode("utf-8", "surrogateescape"), target)
             os.lchown(target, member.uid, member.gid)

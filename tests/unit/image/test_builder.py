@@ -285,3 +285,18 @@ def test_aarch64_build_uses_the_arm_blobs(tmp_path: Path) -> None:
     info = got["info"]
     assert info.header.arch == "aarch64"  # type: ignore[attr-defined]
     assert info.cmdline.endswith(b"root=/dev/ram0")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("value", "kind"), [("str", "string"), (1, "number"), ([1], "array"), (None, "null"),
+                                             (True, "boolean")])
+def test_metadata_must_be_an_object(tmp_path: Path, value: object, kind: str) -> None:
+    # nitro-cli's describe-eif cannot read an EIF whose CustomMetadata is not a JSON object.
+    root = tmp_path / "root"
+    root.mkdir()
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(value))
+    with pytest.raises(ConfigError, match=f"holds a JSON {kind}; custom metadata must be a JSON object") as info:
+        build_enclave(BuildOptions(docker_uri=f"dir:{root}", output_file=str(tmp_path / "a.eif"), cmd="/x",
+                                   metadata_file=str(meta), environ={}))
+    assert info.value.code == "E03"
+    assert not (tmp_path / "a.eif").exists()

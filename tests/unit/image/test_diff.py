@@ -7,10 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from test_signing import signer_for
 
 from enclavekit.errors import EIFFormatError, FileOperationError
 from enclavekit.image.builder import BuildOptions, build_enclave
 from enclavekit.image.diff import diff_eifs
+from enclavekit.image.signing import sign_eif
 
 NOW = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
@@ -101,3 +104,15 @@ def test_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"not an eif" * 100)
     with pytest.raises(EIFFormatError):
         diff_eifs(bad, bad)
+
+
+def test_text_says_absent_for_a_missing_pcr8(tmp_path: Path) -> None:
+    root = _rootfs(tmp_path / "r")
+    a = _build(root, tmp_path / "a.eif")
+    b = _build(root, tmp_path / "b.eif")
+    sign_eif(b, signer_for(ec.SECP384R1()))
+    d = diff_eifs(a, b)
+    assert set(d.pcrs) == {"PCR8"} and d.pcrs["PCR8"][0] is None
+    text = d.render_text()
+    assert "    a: absent" in text and "None" not in text
+    assert "    b: absent" in diff_eifs(b, a).render_text()

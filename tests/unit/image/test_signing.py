@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 from enclavekit.errors import (
     DetachedSignatureError,
     EIFSignatureError,
+    EIFValidationError,
     FileOperationError,
     FormatError,
     SigningCertificateError,
@@ -410,3 +411,46 @@ def test_describe_flattens_custom_metadata(tmp_path: Path) -> None:
 def test_describe_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileOperationError):
         describe_eif(tmp_path / "nope.eif")
+
+
+# ------------------------------------------------------------------------------------------- corrupt images
+
+
+def _corrupt(path: Path) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # a ramdisk byte: the file still parses, its CRC no longer matches
+    path.write_bytes(bytes(data))
+    assert not info_of(path, strict=False).crc_ok
+    return bytes(data)
+
+
+def test_signing_an_image_whose_crc_fails_is_refused(tmp_path: Path, p384: EIFSigner) -> None:
+    path = tiny(tmp_path / "a.eif")
+    corrupt = _corrupt(path)
+    with pytest.raises(EIFValidationError, match="the image's CRC does not match; it is corrupt") as info:
+        sign_eif(path, p384)
+    assert info.value.code == "E61" and info.value.rule == "crc"
+    assert path.read_bytes() == corrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.eif"]
+
+
+def test_signing_a_corrupt_image_with_force(tmp_path: Path, p384: EIFSigner) -> None:
+    path = tiny(tmp_path / "a.eif")
+    _corrupt(path)
+    sign_eif(path, p384, force=True)
+    assert info_of(path).crc_ok
+
+
+def test_offline_signing_of_a_corrupt_image_is_refused(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = make_cert(key)
+    path = tiny(tmp_path / "a.eif")
+    payload = export_payload(path)
+    signature = key.sign(payload, ec.ECDSA(hashes.SHA384()))
+    corrupt = _corrupt(path)
+    with pytest.raises(EIFValidationError, match="CRC does not match"):
+        export_payload(path)
+    with pytest.raises(EIFValidationError, match="CRC does not match"):
+        attach_signature(path, signature, cert)
+    assert path.read_bytes() == corrupt
+    assert export_payload(path, force=True) != payload  # the corrupt ramdisk byte changes PCR0
