@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ _SCRIPT = Path(sys.executable).with_name("enclavekit")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "enclavekit.cli.main"]
 REGION = "us-east-1"
 ACCOUNT = "111122223333"
+INSTANCE = "i-0123456789abcdef0"
 
 
 class KMSServer:
@@ -110,6 +112,65 @@ class KMSServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------------------------- attestation
+
+
+def attestation_document(home: Path, public_key: bytes, pcr0: bytes, *, debug: bool = False) -> bytes:
+    """A document from the local PKI in ``home`` (the one ``kms serve`` trusts), for a Recipient."""
+    from enclavekit.attestation.issuer import DocumentIssuer
+    from enclavekit.attestation.pki import LocalPKI
+    from enclavekit.formats.pcr import pcr4_instance_id
+
+    now = datetime.now(UTC)
+    pki = LocalPKI.open(home, now=now)
+    pcrs = {i: b"\x00" * 48 for i in range(16)}
+    pcrs.update({0: pcr0, 1: b"\x11" * 48, 2: b"\x22" * 48, 4: pcr4_instance_id(INSTANCE)})
+    if debug:  # spec 2.5: a debug-mode enclave has PCR0/1/2 all zero
+        pcrs.update({0: b"\x00" * 48, 1: b"\x00" * 48, 2: b"\x00" * 48})
+    return DocumentIssuer(pki).issue(module_id=f"{INSTANCE}-enc0199546b533fd5d0",
+                                     timestamp_ms=int(now.timestamp() * 1000), pcrs=pcrs, public_key=public_key,
+                                     user_data=None, nonce=None)
+
+
+def recipient_param(document: bytes) -> dict[str, Any]:
+    return {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": document}
+
+
+# --------------------------------------------------------------------------------------------- audit trail
+
+
+def audit_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``enclavekit audit ...`` as a user runs it."""
+    return subprocess.run([*CLI, "audit", *args], check=False, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def trail_events(*trail_args: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``enclavekit audit events --trail ... --json`` (the delivered records of a trail)."""
+    out = audit_cli("events", *trail_args, "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    events: list[dict[str, Any]] = json.loads(out.stdout)
+    return events
+
+
+def assert_trail_valid(*trail_args: str, env: dict[str, str] | None = None) -> None:
+    out = audit_cli("validate", *trail_args, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def live_trail_records(state_dir: Path) -> list[dict[str, Any]]:
+    """The records of a local trail whose server still runs: delivered log files plus what waits in the spool."""
+    from enclavekit.audit.trail import LocalDestination, iter_records
+
+    records = {r["eventID"]: r for _key, r in iter_records(LocalDestination(state_dir))}
+    spool = state_dir / "spool" / "spool.jsonl"
+    data = spool.read_bytes() if spool.exists() else b""
+    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        record = json.loads(line)
+        records.setdefault(record["eventID"], record)
+    return sorted(records.values(), key=lambda r: (r["eventTime"], r["eventID"]))
 
 
 # --------------------------------------------------------------------------------------------- PostgreSQL

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,26 @@ import pytest
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from kms_support import ACCOUNT, REGION, KMSServer, fresh_database, running_postgres
+from kms_support import (
+    ACCOUNT,
+    INSTANCE,
+    REGION,
+    KMSServer,
+    assert_trail_valid,
+    attestation_document,
+    fresh_database,
+    live_trail_records,
+    recipient_param,
+    running_postgres,
+    trail_events,
+)
 
-from enclavekit.attestation.issuer import DocumentIssuer
-from enclavekit.attestation.pki import LocalPKI
 from enclavekit.formats.cms import open_envelope
 from enclavekit.formats.pcr import pcr4_instance_id
-from enclavekit.kms.auditlog import verify_chain
 
 pytestmark = pytest.mark.integration
 
 AWS = str(Path(sys.executable).with_name("aws"))
-INSTANCE = "i-0123456789abcdef0"
 GOOD_PCR0 = bytes.fromhex("a1" * 48)
 OTHER_PCR0 = bytes.fromhex("b2" * 48)
 
@@ -68,8 +75,9 @@ def kms(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         yield KMS(server, creds, request.param)
     finally:
         server.stop()
-    # every call of the module left one event, and the chain holds
-    assert verify_chain(server.data_dir / "audit" / "events.jsonl").events > 0
+    # every call of the module left a record, and the sealed trail validates
+    assert_trail_valid("--trail", str(server.data_dir / "audit"))
+    assert trail_events("--trail", str(server.data_dir / "audit"))
 
 
 def error_code(exc: pytest.ExceptionInfo[ClientError]) -> str:
@@ -239,22 +247,6 @@ def test_aws_encryption_sdk_round_trip(kms: KMS, monkeypatch: pytest.MonkeyPatch
 # --------------------------------------------------------------------------------------------- Recipient
 
 
-def _document(home: Path, public_key: bytes, pcr0: bytes, *, debug: bool = False) -> bytes:
-    now = datetime.now(UTC)
-    pki = LocalPKI.open(home, now=now)
-    pcrs = {i: b"\x00" * 48 for i in range(16)}
-    pcrs.update({0: pcr0, 1: b"\x11" * 48, 2: b"\x22" * 48, 4: pcr4_instance_id(INSTANCE)})
-    if debug:  # spec 2.5: a debug-mode enclave has PCR0/1/2 all zero
-        pcrs.update({0: b"\x00" * 48, 1: b"\x00" * 48, 2: b"\x00" * 48})
-    return DocumentIssuer(pki).issue(module_id=f"{INSTANCE}-enc0199546b533fd5d0",
-                                     timestamp_ms=int(now.timestamp() * 1000), pcrs=pcrs, public_key=public_key,
-                                     user_data=None, nonce=None)
-
-
-def _recipient(document: bytes) -> dict[str, Any]:
-    return {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": document}
-
-
 def test_recipient_flow_with_pcr0_policy(kms: KMS) -> None:
     c = kms.client()
     arn = c.create_key()["KeyMetadata"]["Arn"]
@@ -271,49 +263,50 @@ def test_recipient_flow_with_pcr0_policy(kms: KMS) -> None:
     enclave_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     spki = enclave_key.public_key().public_bytes(serialization.Encoding.DER,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    good = _document(kms.server.home, spki, GOOD_PCR0)
-    out = c.decrypt(CiphertextBlob=blob, Recipient=_recipient(good))
+    good = attestation_document(kms.server.home, spki, GOOD_PCR0)
+    out = c.decrypt(CiphertextBlob=blob, Recipient=recipient_param(good))
     assert not out.get("Plaintext")
     assert out["KeyId"] == arn
     assert open_envelope(out["CiphertextForRecipient"], enclave_key) == b"enclave secret"
 
-    data_key = c.generate_data_key(KeyId=arn, KeySpec="AES_256", Recipient=_recipient(good))
+    data_key = c.generate_data_key(KeyId=arn, KeySpec="AES_256", Recipient=recipient_param(good))
     assert not data_key.get("Plaintext")
     assert len(open_envelope(data_key["CiphertextForRecipient"], enclave_key)) == 32
 
-    random = c.generate_random(NumberOfBytes=16, Recipient=_recipient(good))
+    random = c.generate_random(NumberOfBytes=16, Recipient=recipient_param(good))
     assert len(open_envelope(random["CiphertextForRecipient"], enclave_key)) == 16
 
     for name, document in [("no Recipient", None),
-                           ("another image", _document(kms.server.home, spki, OTHER_PCR0)),
-                           ("debug mode", _document(kms.server.home, spki, GOOD_PCR0, debug=True))]:
+                           ("another image", attestation_document(kms.server.home, spki, OTHER_PCR0)),
+                           ("debug mode", attestation_document(kms.server.home, spki, GOOD_PCR0, debug=True))]:
         with pytest.raises(ClientError) as denied:
             if document is None:
                 c.decrypt(CiphertextBlob=blob)
             else:
-                c.decrypt(CiphertextBlob=blob, Recipient=_recipient(document))
+                c.decrypt(CiphertextBlob=blob, Recipient=recipient_param(document))
         assert error_code(denied) == "AccessDeniedException", name
 
-    ec_doc = _document(kms.server.home, ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+    ec_doc = attestation_document(kms.server.home, ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo), GOOD_PCR0)
     with pytest.raises(ClientError) as non_rsa:
-        c.decrypt(CiphertextBlob=blob, Recipient=_recipient(ec_doc))
+        c.decrypt(CiphertextBlob=blob, Recipient=recipient_param(ec_doc))
     assert error_code(non_rsa) == "ValidationException"
     forged = bytearray(good)
     forged[-1] ^= 1
     with pytest.raises(ClientError) as forged_err:
-        c.decrypt(CiphertextBlob=blob, Recipient=_recipient(bytes(forged)))
+        c.decrypt(CiphertextBlob=blob, Recipient=recipient_param(bytes(forged)))
     assert error_code(forged_err) in {"ValidationException", "AccessDeniedException"}
 
-    # §4.8: the allowed Decrypt's audit event names the enclave
-    events = [json.loads(line)["event"] for line in
-              (kms.server.data_dir / "audit" / "events.jsonl").read_text().splitlines()]
+    # §4.8: the allowed Decrypt's audit record names the enclave (the server runs on: delivered + spooled records)
+    events = live_trail_records(kms.server.data_dir / "audit")
     attested = [e for e in events if e["eventName"] == "Decrypt" and "errorCode" not in e
                 and "recipient" in e.get("additionalEventData", {})]
     assert attested
     recipient = attested[-1]["additionalEventData"]["recipient"]
     assert recipient["attestationDocumentEnclaveImageDigest"] == GOOD_PCR0.hex()
     assert recipient["attestationDocumentModuleId"].startswith(INSTANCE)
+    assert recipient["attestationDocumentEnclavePCR1"] == "11" * 48
+    assert recipient["attestationDocumentEnclavePCR4"] == pcr4_instance_id(INSTANCE).hex()
     assert base64.b64encode(good).decode()[:40] not in json.dumps(events)
 
 
@@ -337,6 +330,7 @@ def test_two_servers_share_one_postgres_database(postgres_url: str, tmp_path: Pa
         with pytest.raises(ClientError) as disabled:
             a.encrypt(KeyId=key_id, Plaintext=b"x")
         assert error_code(disabled) == "DisabledException"
-    # each server keeps its own local audit log
-    assert verify_chain(tmp_path / "a" / "audit" / "events.jsonl").events == 4
-    assert verify_chain(tmp_path / "b" / "audit" / "events.jsonl").events == 2
+    # each server keeps its own local audit trail
+    for name, count in (("a", 4), ("b", 2)):
+        assert_trail_valid("--trail", str(tmp_path / name / "audit"))
+        assert len(trail_events("--trail", str(tmp_path / name / "audit"))) == count

@@ -1,5 +1,6 @@
-"""The ``kms serve`` process itself: raw-HTTP SigV4 tampering, bad input, the audit log, signals, workers, TLS,
-and a SIGKILL in the middle of a load (issue 5: Bad input; items 1, 2, 7, 8).
+"""The ``kms serve`` process itself: raw-HTTP SigV4 tampering, bad input, the audit trail, signals, workers, TLS,
+and a SIGKILL in the middle of a load (issue 5: Bad input; items 1, 2, 7, 8).  tests/integration/test_kms_trail.py
+covers the trail in depth (workers, attested Decrypt records, S3).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from kms_support import REGION, KMSServer
+from kms_support import REGION, KMSServer, assert_trail_valid, trail_events
 
-from enclavekit.kms.auditlog import verify_chain
 from enclavekit.kms.sigv4 import sign_request_headers
 
 pytestmark = pytest.mark.integration
@@ -209,7 +209,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(server: tuple[KMSServ
 # --------------------------------------------------------------------------------------------- audit, signals
 
 
-def test_every_request_leaves_one_chained_event(tmp_path: Path) -> None:
+def test_every_request_leaves_one_record_in_the_trail(tmp_path: Path) -> None:
     srv = KMSServer(tmp_path / "data", home=tmp_path / "home")
     creds = srv.credentials("carol")
     with srv:
@@ -221,17 +221,20 @@ def test_every_request_leaves_one_chained_event(tmp_path: Path) -> None:
         raw(srv, b"{}")                                          # unauthenticated
         raw(srv, b"{}", creds=dict(creds, AccessKeyId="AKIANOBODYNOBODY0000"))
     assert srv.proc is not None and srv.proc.returncode == 0    # SIGTERM: clean exit
-    log = tmp_path / "data" / "audit" / "events.jsonl"
-    assert verify_chain(log).events == 5
-    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
-    assert [e["eventName"] for e in events] == ["CreateKey", "Encrypt", "DescribeKey", "ListKeys", "ListKeys"]
-    assert [e.get("errorCode") for e in events] == [None, None, "NotFoundException", "MissingAuthenticationToken",
-                                                    "UnrecognizedClientException"]
-    assert events[0]["userIdentity"]["userName"] == "carol"
-    assert events[1]["resources"][0]["type"] == "AWS::KMS::Key"
-    assert events[3]["userIdentity"]["type"] == "Unknown"
+    trail = ["--trail", str(tmp_path / "data" / "audit")]
+    assert_trail_valid(*trail)                                  # sealed on SIGTERM: every record is covered
+    events = trail_events(*trail)
+    # `audit events` orders by eventTime (whole seconds), then eventID: compare as a set, not a sequence
+    by_kind = {(e["eventName"], e.get("errorCode")): e for e in events}
+    assert len(events) == 5
+    assert set(by_kind) == {("CreateKey", None), ("Encrypt", None), ("DescribeKey", "NotFoundException"),
+                            ("ListKeys", "MissingAuthenticationToken"), ("ListKeys", "UnrecognizedClientException")}
+    assert by_kind["CreateKey", None]["userIdentity"]["userName"] == "carol"
+    assert by_kind["Encrypt", None]["resources"][0]["type"] == "AWS::KMS::Key"
+    assert by_kind["ListKeys", "MissingAuthenticationToken"]["userIdentity"]["type"] == "Unknown"
     assert all(e["eventSource"] == "kms.amazonaws.com" and e["eventType"] == "AwsApiCall" for e in events)
-    assert b"eA==" not in log.read_bytes()  # base64 of the plaintext "x"
+    assert "eA==" not in json.dumps(events)  # base64 of the plaintext "x"
+    assert not (tmp_path / "data" / "audit" / "events.jsonl").exists()  # one audit path: the trail
 
 
 def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
@@ -239,7 +242,7 @@ def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
     assert srv.stop(signal.SIGINT) == 0
 
 
-def test_workers_share_one_socket_and_one_chain(tmp_path: Path) -> None:
+def test_workers_share_one_socket_and_one_trail(tmp_path: Path) -> None:
     srv = KMSServer(tmp_path / "data", home=tmp_path / "home", workers=2)
     creds = srv.credentials("dave")
     with srv:
@@ -258,7 +261,9 @@ def test_workers_share_one_socket_and_one_chain(tmp_path: Path) -> None:
         for t in threads:
             t.join()
     assert srv.proc.returncode == 0
-    assert verify_chain(tmp_path / "data" / "audit" / "events.jsonl").events == 40
+    trail = ["--trail", str(tmp_path / "data" / "audit")]
+    assert_trail_valid(*trail)
+    assert len(trail_events(*trail, "--event-name", "GenerateRandom")) == 40
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
@@ -350,9 +355,9 @@ def test_sigkill_mid_load_loses_no_acknowledged_change(tmp_path: Path) -> None:
         for key_id, sid in acked_policies:
             assert json.loads(client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])[
                 "Statement"][0]["Sid"] == sid
-    log = tmp_path / "data" / "audit" / "events.jsonl"
-    verify_chain(log)
-    logged = {json.loads(line)["event"]["requestID"] for line in log.read_text().splitlines()}
+    trail = ["--trail", str(tmp_path / "data" / "audit")]
+    assert_trail_valid(*trail)                                   # the restart delivered and sealed the spool
+    logged = {e["requestID"] for e in trail_events(*trail)}
     assert set(acked_requests) <= logged
 
 

@@ -2,7 +2,8 @@
 
 * ``serve``: the AWS KMS JSON 1.1 protocol with SigV4 on 127.0.0.1 (docs/kms-server.md).  When it listens, one
   JSON line goes to stdout: ``{"Endpoint": "http://127.0.0.1:PORT"}`` (plus ``"CABundle"`` with ``--tls``).
-  SIGTERM or SIGINT stops it cleanly.
+  SIGTERM or SIGINT stops it cleanly and seals the audit trail with a final digest.  Every request is recorded
+  in the audit trail (``--trail DIR | s3://bucket/prefix``, default ``<data-dir>/audit``; docs/audit.md).
 * ``create-credentials --name NAME``: a principal of the configured account; prints ``{"AccessKeyId",
   "SecretAccessKey", "Arn"}``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,11 +32,11 @@ def _default_data_dir() -> Path:
 
 def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="directory for the SQLite key store, the audit log and TLS files "
+                        help="directory for the SQLite key store, the audit trail's state and TLS files "
                         "(default: <state directory>/kms)")
     parser.add_argument("--database-url", default=None, metavar="URL",
                         help="keep keys and principals in PostgreSQL (postgresql://...) instead of SQLite; the "
-                        "audit log stays in --data-dir")
+                        "audit trail's state stays in --data-dir")
     parser.add_argument("--account-id", default="111122223333", help="the AWS account id this KMS belongs to")
     parser.add_argument("--region", default="us-east-1", help="the region in ARNs and SigV4 scopes")
 
@@ -65,6 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="refuse Recipient documents older than this (beyond AWS; off by default)")
     s.add_argument("--single-use-nonces", action="store_true",
                    help="refuse a Recipient document whose nonce was seen before (beyond AWS; off by default)")
+    s.add_argument("--trail", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+                   help="where the audit trail goes: a directory (its state and log files), or an S3 bucket (state "
+                   "in <data-dir>/audit) (default: <data-dir>/audit)")
+    s.add_argument("--digest-interval", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="write a signed digest file this often (default 3600, CloudTrail's hour)")
+    s.add_argument("--audit-endpoint-url", default=None, metavar="URL",
+                   help="S3-compatible endpoint for --trail s3://... (credentials from the usual AWS variables)")
+    # benchmarks only: drops every audit record; deliberately left out of --help
+    s.add_argument("--unsafe-no-audit", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=run_serve)
 
     c = ksub.add_parser("create-credentials", help="create a principal and print its access key",
@@ -73,6 +84,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--name", required=True, help="the principal's user name (ARN ...:user/NAME)")
     _store_args(c)
     c.set_defaults(func=run_create_credentials)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _server() -> Any:
@@ -91,7 +112,9 @@ def run_serve(args: argparse.Namespace) -> int:
     config = _config(args, host=args.host, port=args.port, workers=args.workers, tls_cert=args.tls_cert,
                      tls_key=args.tls_key, tls_local_ca=args.tls, trust_aws_root=args.trust_aws_root,
                      extra_roots=tuple(args.root), max_attestation_age=args.max_attestation_age,
-                     single_use_nonces=args.single_use_nonces)
+                     single_use_nonces=args.single_use_nonces, trail=args.trail,
+                     digest_interval=args.digest_interval, audit_endpoint_url=args.audit_endpoint_url,
+                     unsafe_no_audit=args.unsafe_no_audit)
 
     def announce(info: dict[str, str]) -> None:
         print(json.dumps(info), flush=True)

@@ -3,8 +3,9 @@
 Two layers:
 
 * :class:`KMSApp` is the request pipeline without sockets: method and path, body size, SigV4, ``X-Amz-Target``,
-  JSON body, ``service.handle(KMSRequest)``, the audit event (durable before the response is returned), and the
-  AWS-shaped response.  Unit tests drive it directly.
+  JSON body, ``service.handle(KMSRequest)``, the audit record (CloudTrail format, built by
+  :func:`enclavekit.audit.events.kms_event`; durable before the response is returned), and the AWS-shaped
+  response.  Unit tests drive it directly.
 * :class:`KMSHTTPServer` is a threaded HTTP/1.1 server around it: keep-alive, optional TLS (handshake in the
   connection's thread), each connection served by one thread of a bounded pool, so the service and the store only
   ever see a fixed set of threads.  Several processes may serve one listening socket (pre-fork).
@@ -32,7 +33,8 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from enclavekit.kms.auditlog import AuditSink, RequestFacts, cloudtrail_event
+from enclavekit.audit.events import kms_event
+from enclavekit.kms.auditlog import AuditSink, RequestFacts
 from enclavekit.kms.sigv4 import MAX_SKEW, PrincipalLookup, verify_request
 from enclavekit.kms.types import AuditInfo, KMSError, KMSRequest, KMSResult, Principal
 
@@ -108,7 +110,8 @@ class KMSApp:
 
     def __init__(self, service: KMSServiceLike, lookup: PrincipalLookup, audit: AuditSink, *, region: str,
                  account_id: str, clock: Callable[[], datetime] | None = None,
-                 request_ids: Callable[[], str] | None = None, max_skew: timedelta = MAX_SKEW) -> None:
+                 request_ids: Callable[[], str] | None = None, event_ids: Callable[[], str] | None = None,
+                 max_skew: timedelta = MAX_SKEW) -> None:
         self.service = service
         self.lookup = lookup
         self.audit = audit
@@ -116,6 +119,7 @@ class KMSApp:
         self.account_id = account_id
         self.clock = clock or (lambda: datetime.now(UTC))
         self.request_ids = request_ids or (lambda: str(uuid.uuid4()))
+        self.event_ids = event_ids or (lambda: str(uuid.uuid4()))
         self.max_skew = max_skew
         self._inflight = 0
         self._idle = threading.Condition()
@@ -186,9 +190,10 @@ class KMSApp:
             error = KMSError("KMSInternalException", f"An internal error occurred. Request ID: {request_id}",
                              status=500)
             audit_info = AuditInfo()
-        # §4.8: every request, allowed or denied, leaves an event; the response waits until it is durable
-        event = cloudtrail_event(facts, audit_info, error_code=error.aws_code if error else None,
-                                 error_message=error.aws_message if error else None)
+        # §4.8: every request, allowed or denied, leaves a record; the response waits until it is durable
+        event = kms_event(facts, audit_info, event_id=self.event_ids(),
+                          error_code=error.aws_code if error else None,
+                          error_message=error.aws_message if error else None)
         try:
             self.audit.append(event)
         except Exception as exc:

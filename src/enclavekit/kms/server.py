@@ -1,12 +1,19 @@
-"""``kms serve`` wiring: configuration, trust roots, key store, service, audit log, HTTP server, workers, TLS.
+"""``kms serve`` wiring: configuration, trust roots, key store, service, audit trail, HTTP server, workers, TLS.
 
-One process (``workers=1``) serves in place.  With ``workers=N`` the parent binds the listening socket, forks N
-workers that each open their own store, service and audit writer and accept on the shared socket (pre-fork);
-SQLite in WAL mode and the audit log's ``flock`` make that safe.  The parent prints the endpoint once every
-worker is ready, forwards SIGTERM/SIGINT, and exits when they have.
+One process (``workers=1``) serves in place.  With ``workers=N`` the parent binds the listening socket, creates the
+audit trail's state directory once, then forks N workers that each open their own store, service and
+:class:`~enclavekit.audit.trail.Trail` on that directory and accept on the shared socket (pre-fork).  SQLite in
+WAL mode, the trail spool's ``flock`` (every worker appends, group commit) and the trail's ``deliver.lock`` (one
+worker delivers log files and digests) make that safe.  The parent prints the endpoint once every worker is
+ready, forwards SIGTERM/SIGINT, and exits when they have.
 
-Stopping (SIGTERM, SIGINT): the accept loop stops, requests in flight finish (up to ``drain_seconds``), the audit
-writer flushes and closes, then the store.
+Audit trail (docs/audit.md): ``<data-dir>/audit`` holds the trail's state (spool, delivery state, keys) and, for
+a local trail, the ``AWSLogs/`` tree; ``trail="s3://bucket/prefix"`` delivers to S3 instead.  The old
+hash-chained ``audit/events.jsonl`` is no longer written: the spool is the durable path, the signed digests the
+tamper evidence.  A file left by an older version stays untouched (history is never rewritten).
+
+Stopping (SIGTERM, SIGINT): the accept loop stops, requests in flight finish (up to ``drain_seconds``), the trail
+is sealed (everything spooled is delivered and covered by a final digest) and closed, then the store.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enclavekit.attestation.pki import LocalPKI
 from enclavekit.attestation.verifier import AWS_ROOT_G1, TrustRoot
+from enclavekit.audit.s3 import S3Destination, parse_s3_url
+from enclavekit.audit.trail import Destination, Trail, TrailConfig
 from enclavekit.errors import ConfigError, EnclaveKitError, FileOperationError
-from enclavekit.kms.auditlog import AuditSink, HashChainedLog
+from enclavekit.kms.auditlog import AuditSink, UnsafeDiscardSink
 from enclavekit.kms.http import KMSApp, KMSHTTPServer, KMSServiceLike
 from enclavekit.kms.service import KMSService
 from enclavekit.kms.store import KeyStore, PostgresStore, SQLiteStore
@@ -44,7 +53,8 @@ from enclavekit.kms.types import Principal
 
 __all__ = [
     "ServerConfig",
-    "audit_log_path",
+    "open_trail",
+    "trail_state_dir",
     "bind_socket",
     "create_credentials",
     "local_tls_context",
@@ -72,6 +82,10 @@ class ServerConfig:
     account_id: str = "111122223333"
     region: str = "us-east-1"
     drain_seconds: float = _DRAIN_SECONDS
+    trail: str | None = None                 # a directory or s3://bucket/prefix; None: <data-dir>/audit
+    digest_interval: float = 3600.0          # CloudTrail's hour
+    audit_endpoint_url: str | None = None    # S3-compatible store for an s3:// trail
+    unsafe_no_audit: bool = False            # benchmarks only: records are dropped, nothing is audited
 
     def __post_init__(self) -> None:
         if not (0 <= self.port <= 65535):
@@ -88,15 +102,68 @@ class ServerConfig:
             raise ConfigError("--max-attestation-age must be a positive number of seconds")
         if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise ConfigError("--database-url must be a postgresql:// URL")
+        if not self.digest_interval > 0:
+            raise ConfigError("--digest-interval must be a positive number of seconds")
+        if self.trail is not None and self.trail.startswith("s3://"):
+            try:
+                parse_s3_url(self.trail)
+            except ValueError as exc:
+                raise ConfigError(f"--trail: {exc}") from None
+        elif self.audit_endpoint_url is not None:
+            raise ConfigError("--audit-endpoint-url goes with --trail s3://bucket/prefix")
+        if self.unsafe_no_audit and self.trail is not None:
+            raise ConfigError("--unsafe-no-audit and --trail exclude each other")
 
     @property
     def tls(self) -> bool:
         return self.tls_local_ca or self.tls_cert is not None
 
 
-def audit_log_path(data_dir: Path) -> Path:
-    """§4.8: the local audit log, ``<data-dir>/audit/events.jsonl``."""
-    return data_dir / "audit" / "events.jsonl"
+# --------------------------------------------------------------------------------------------- audit trail
+
+
+def trail_state_dir(config: ServerConfig) -> Path:
+    """The trail's state directory: ``--trail DIR``, else ``<data-dir>/audit`` (also for an s3:// trail)."""
+    if config.trail is not None and not config.trail.startswith("s3://"):
+        return Path(config.trail)
+    return config.data_dir / "audit"
+
+
+def open_trail(config: ServerConfig, *, deliver: bool = True) -> Trail:
+    """The configured trail (each worker opens its own on the same state directory)."""
+    destination: Destination | None = None
+    url = "local"
+    prefix = ""
+    if config.trail is not None and config.trail.startswith("s3://"):
+        bucket, prefix = parse_s3_url(config.trail)
+        destination = S3Destination(bucket, endpoint_url=config.audit_endpoint_url, region=config.region)
+        url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    try:
+        trail_config = TrailConfig(account_id=config.account_id, region=config.region, prefix=prefix,
+                                   digest_interval=config.digest_interval)
+    except ValueError as exc:
+        raise ConfigError(f"cannot configure the audit trail: {exc}") from exc
+    return Trail(trail_state_dir(config), config=trail_config, destination=destination, destination_url=url,
+                 deliver=deliver)
+
+
+def _open_audit(config: ServerConfig) -> AuditSink:
+    if config.unsafe_no_audit:
+        return UnsafeDiscardSink()
+    return open_trail(config)
+
+
+def _prepare_audit(config: ServerConfig) -> None:
+    """Before forking: create the trail's state once, so that workers do not race to create ``trail.json``."""
+    if config.unsafe_no_audit:
+        print("kms: WARNING: --unsafe-no-audit: requests are NOT audited (for benchmarks only)", file=sys.stderr,
+              flush=True)
+        return
+    legacy = trail_state_dir(config) / "events.jsonl"
+    if legacy.exists():
+        print(f"kms: {legacy} (the hash-chained log of earlier versions) is no longer written; it is kept as is, "
+              "new records go to the trail", file=sys.stderr, flush=True)
+    open_trail(config, deliver=False).close(seal=False)
 
 
 # --------------------------------------------------------------------------------------------- store, service
@@ -311,12 +378,12 @@ class _Stopper:
 def _serve_worker(config: ServerConfig, sock: socket.socket, *, ssl_context: ssl.SSLContext | None,
                   stop: _Stopper, ready: Callable[[], None],
                   service_factory: Callable[[ServerConfig, Any], KMSServiceLike] | None = None) -> None:
-    """Open store, service and audit log; serve ``sock`` until ``stop`` is set; then drain and close."""
+    """Open store, service and audit trail; serve ``sock`` until ``stop`` is set; then drain and close."""
     store = _open_store(config)
     audit: AuditSink | None = None
     try:
         service = (service_factory or _make_service)(config, store)
-        audit = HashChainedLog(audit_log_path(config.data_dir))
+        audit = _open_audit(config)
         app = KMSApp(service, _CachedLookup(store), audit, region=config.region, account_id=config.account_id)
         server = KMSHTTPServer(app, sock, ssl_context=ssl_context)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -341,6 +408,7 @@ def serve(config: ServerConfig, *, announce: Callable[[dict[str, str]], None],
           service_factory: Callable[[ServerConfig, Any], KMSServiceLike] | None = None) -> int:
     """Run ``kms serve`` until SIGTERM/SIGINT (or ``stop``); ``announce`` gets ``{"Endpoint": ...}`` when ready."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _prepare_audit(config)
     ssl_context, ca_path = _tls(config)
     sock = bind_socket(config.host, config.port)
     info = {"Endpoint": _endpoint(config, sock)}
