@@ -16,8 +16,15 @@ each with an ``…IfExists`` form; ``Bool`` (and ``BoolIfExists``); ``Null``; th
 and ``ForAllValues:`` for multi-valued keys such as ``kms:EncryptionContextKeys``.  IAM semantics: several
 operators in a block, and several keys under an operator, must all hold; several values for one key are
 alternatives; a missing key fails a positive operator and satisfies a negated one; ``…IfExists`` is satisfied by a
-missing key; ``ForAllValues`` is satisfied by a missing key, ``ForAnyValue`` is not.  Condition key names are
-case-insensitive, except the ``<key>`` suffix of ``kms:EncryptionContext:<key>``.
+missing key; ``ForAllValues`` is satisfied by a missing key, ``ForAnyValue`` is not; a multi-valued key with no
+values (``kms:EncryptionContextKeys`` of a request without context) is missing, also for ``Null``.
+
+Condition key names are case-insensitive, the ``<key>`` part of ``kms:EncryptionContext:<key>`` included (AWS
+KMS developer guide, kms:EncryptionContext:context-key); values keep their case unless the operator ignores it.
+An encryption context may hold two keys that differ only in case; then ``kms:EncryptionContext:<key>`` names
+both, and the condition must hold for each of them in an ``Allow`` but for one of them in a ``Deny`` (both
+choices fail closed).  Condition values written as JSON numbers or booleans are taken as their JSON text
+(``5`` -> ``"5"``, ``true`` -> ``"true"``), as IAM takes them.
 """
 
 from __future__ import annotations
@@ -63,12 +70,43 @@ def _fail(message: str) -> PolicyError:
     return PolicyError(message)
 
 
+@dataclass(frozen=True)
+class _JSONNumber:
+    """A JSON number kept as its text: only condition values accept numbers, anywhere else it is refused."""
+
+    text: str
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN, Infinity and -Infinity, which are not JSON (RFC 8259 section 6)
+    raise _fail(f"the policy is not valid JSON ({name} is not a JSON value)")
+
+
 def _str_list(value: Any, what: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise _fail(f"{what} must be a string or a non-empty list of strings")
+
+
+def _scalar_text(value: Any) -> str | None:
+    """A condition value as IAM compares it: strings as they are, numbers and booleans as their JSON text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, _JSONNumber):
+        return value.text
+    return None
+
+
+def _condition_values(value: Any, what: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    texts = [_scalar_text(v) for v in items]
+    if not items or any(t is None for t in texts):
+        raise _fail(f"{what} must be a string, number or boolean, or a non-empty list of them")
+    return tuple(t for t in texts if t is not None)
 
 
 def _wildcard(pattern: str, *, ignore_case: bool) -> re.Pattern[str]:
@@ -106,18 +144,27 @@ class Condition:
             raise AssertionError(base)
         return hit
 
-    def holds(self, context: Mapping[str, str | Sequence[str]]) -> bool:
-        actual = _lookup(context, self.key)
-        if self.base == "Null":
-            want_missing = self.values[0].lower() == "true"
-            return (actual is None) == want_missing
+    def holds(self, context: Mapping[str, str | Sequence[str]], *, deny: bool = False) -> bool:
+        """Does the condition hold?  ``deny``: it belongs to a Deny statement (decides how case twins combine)."""
+        candidates = _lookup(context, self.key)
+        if len(candidates) <= 1:
+            return self._holds(candidates[0] if candidates else None)
+        # keys that differ only in case (an encryption context may have both): fail closed either way
+        results = [self._holds(c) for c in candidates]
+        return any(results) if deny else all(results)
+
+    def _holds(self, actual: str | Sequence[str] | None) -> bool:
         values: tuple[str, ...] | None
         if actual is None:
             values = None
         elif isinstance(actual, str):
             values = (actual,)
         else:
-            values = tuple(actual)
+            # IAM: a multi-valued key with no values is absent (Null, …IfExists and the qualifiers see it so)
+            values = tuple(actual) or None
+        if self.base == "Null":
+            want_missing = self.values[0].lower() == "true"
+            return (values is None) == want_missing
         negated = self.base in _NEGATED
         if self.qualifier == "ForAllValues":
             # every request value must match (vacuously true when the key is missing or empty)
@@ -140,19 +187,11 @@ class Condition:
         return not hit if negated else hit
 
 
-def _lookup(context: Mapping[str, str | Sequence[str]], key: str) -> str | Sequence[str] | None:
-    prefix = "kms:encryptioncontext:"
-    if key.lower().startswith(prefix):
-        suffix = key[len(prefix):]
-        for name, value in context.items():
-            if name.lower().startswith(prefix) and name[len(prefix):] == suffix:
-                return value
-        return None
+def _lookup(context: Mapping[str, str | Sequence[str]], key: str) -> list[str | Sequence[str]]:
+    """Every request value whose key name equals ``key`` ignoring case (IAM: condition key names are
+    case-insensitive, the <key> of kms:EncryptionContext:<key> included)."""
     lowered = key.lower()
-    for name, value in context.items():
-        if name.lower() == lowered:
-            return value
-    return None
+    return [value for name, value in context.items() if name.lower() == lowered]
 
 
 def _parse_conditions(block: Any, where: str) -> tuple[Condition, ...]:
@@ -172,8 +211,7 @@ def _parse_conditions(block: Any, where: str) -> tuple[Condition, ...]:
         for key, raw in pairs.items():
             if not isinstance(key, str) or not key:
                 raise _fail(f"{where}: empty condition key")
-            text = ("true" if raw else "false") if isinstance(raw, bool) else raw
-            values = _str_list(text, f"{where}: values of {operator} {key}")
+            values = _condition_values(raw, f"{where}: values of {operator} {key}")
             if base in ("Null", "Bool") and any(v.lower() not in ("true", "false") for v in values):
                 raise _fail(f"{where}: {operator} takes true or false")
             if base == "Null" and len(values) != 1:
@@ -252,7 +290,7 @@ class Statement:
 
     def failed_condition(self, context: Mapping[str, str | Sequence[str]]) -> Condition | None:
         for cond in self.conditions:
-            if not cond.holds(context):
+            if not cond.holds(context, deny=self.effect == "Deny"):
                 return cond
         return None
 
@@ -346,7 +384,8 @@ class KeyPolicy:
             return out
 
         try:
-            doc = json.loads(text, object_pairs_hook=no_duplicates)
+            doc = json.loads(text, object_pairs_hook=no_duplicates, parse_int=_JSONNumber,
+                             parse_float=_JSONNumber, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             raise _fail(f"the policy is not valid JSON (line {exc.lineno} column {exc.colno})") from exc
         except RecursionError as exc:

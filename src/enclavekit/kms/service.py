@@ -459,7 +459,9 @@ class KMSService:
             "kms:KeyUsage": record.key_usage,
             "kms:KeyOrigin": record.origin,
         }
-        if context is not None:
+        if context:
+            # an absent or empty EncryptionContext sets no key at all: a Null condition on
+            # kms:EncryptionContextKeys ("require a context") must see a request without context as missing
             for key, value in context.items():
                 conditions[f"kms:EncryptionContext:{key}"] = value
             conditions["kms:EncryptionContextKeys"] = sorted(context)

@@ -9,7 +9,8 @@ Checks, in order, each raising :class:`~enclavekit.kms.types.KMSError` with AWS'
 
 1. no ``Authorization`` header -> ``MissingAuthenticationToken`` (403);
 2. an unparsable header, a missing ``Credential``/``SignedHeaders``/``Signature`` part, ``host`` or ``x-amz-date``
-   not signed, a signed header that is absent -> ``IncompleteSignature`` (400);
+   not signed (``x-amz-target`` too with ``require_signed_target``), a signed header that is absent ->
+   ``IncompleteSignature`` (400);
 3. a credential scope whose date is not the ``X-Amz-Date`` day, whose region is not ours, or whose service is not
    ``kms`` -> ``InvalidSignatureException`` (400);
 4. ``X-Amz-Date`` more than five minutes away from ``now`` -> ``InvalidSignatureException`` "Signature expired"
@@ -19,6 +20,13 @@ Checks, in order, each raising :class:`~enclavekit.kms.types.KMSError` with AWS'
    ``InvalidSignatureException`` (400).
 
 Time and the credential lookup are parameters; nothing here reads the clock or a store.
+
+``X-Amz-Target`` names the operation, and AWS does not require it to be signed (the AWS C SDK used by kmstool
+does not sign it).  A request seen on the wire can then be replayed, within the clock skew window, as another
+operation with the same body: any body with a ``KeyId`` (an ``Encrypt``, a ``DescribeKey``) becomes a valid
+``DisableKey`` or ``ScheduleKeyDeletion``.  ``require_signed_target=True`` refuses requests that do not sign it;
+off by default for parity with AWS.  TLS keeps requests off the wire in the first place: plain HTTP is for
+loopback only.
 """
 
 from __future__ import annotations
@@ -151,8 +159,13 @@ def verify_request(
     now: datetime,
     region: str,
     max_skew: timedelta = MAX_SKEW,
+    require_signed_target: bool = False,
 ) -> Principal:
-    """Authenticate one request; returns the caller or raises :class:`KMSError` (see the module doc)."""
+    """Authenticate one request; returns the caller or raises :class:`KMSError` (see the module doc).
+
+    ``require_signed_target``: ``x-amz-target`` must be among the signed headers (beyond AWS, which does not
+    require it), so that a captured request cannot be replayed as another operation.
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     values = _header_values(headers)
@@ -164,7 +177,8 @@ def verify_request(
         raise _incomplete("more than one Authorization header")
     auth = AuthorizationHeader.parse(auth_values[0])
     # step 2: host and x-amz-date must be signed, and every signed header must be present
-    for required in ("host", "x-amz-date"):
+    required_signed = ("host", "x-amz-date", "x-amz-target") if require_signed_target else ("host", "x-amz-date")
+    for required in required_signed:
         if required not in auth.signed_headers:
             raise _incomplete(f"SignedHeaders must include '{required}'")
     for name in auth.signed_headers:

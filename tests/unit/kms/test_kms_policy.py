@@ -68,7 +68,15 @@ def test_statement_may_be_an_object() -> None:
     (json.dumps({"Statement": [_allow(Condition={})]}), "non-empty object"),
     (json.dumps({"Statement": [_allow(Condition={"Null": {"a": "maybe"}})]}), "true or false"),
     (json.dumps({"Statement": [_allow(Condition={"Null": {"a": ["true", "false"]}})]}), "one value"),
-    (json.dumps({"Statement": [_allow(Condition={"StringEquals": {"a": 5}})]}), "string"),
+    (json.dumps({"Statement": [_allow(Condition={"StringEquals": {"a": None}})]}), "string, number or boolean"),
+    (json.dumps({"Statement": [_allow(Condition={"StringEquals": {"a": {"b": "c"}}})]}), "string, number"),
+    (json.dumps({"Statement": [_allow(Condition={"StringEquals": {"a": ["x", None]}})]}), "string, number"),
+    (json.dumps({"Statement": [_allow(Condition={"StringEquals": {"a": []}})]}), "non-empty list"),
+    (json.dumps({"Statement": [_allow(Condition={"Bool": {"a": 1}})]}), "true or false"),
+    ('{"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*", '
+     '"Condition": {"StringEquals": {"a": NaN}}}]}', "NaN is not a JSON value"),
+    (json.dumps({"Statement": [_allow(Principal={"AWS": 111122223333})]}), "Principal AWS"),
+    (json.dumps({"Statement": [_allow(Resource=5)]}), "Resource"),
     (json.dumps({"Statement": [_allow(Sid="a"), _allow(Sid="a")]}), "unique"),
     (json.dumps({"Statement": [_allow(Sid=5)]}), "Sid"),
     (json.dumps({"Statement": _allow(), "Id": 5}), "Id"),
@@ -161,12 +169,77 @@ def test_condition_operators(operator: str, value: Any, context: dict[str, str],
     assert policy.evaluate(_req(**context)).allowed is allowed
 
 
-def test_condition_key_names_are_case_insensitive_except_context_keys() -> None:
+def test_condition_key_names_are_case_insensitive() -> None:
     policy = _policy(_allow(Condition={"StringEquals": {"KMS:RECIPIENTATTESTATION:PCR0": "aa"}}))
     assert policy.evaluate(_req(**{"kms:RecipientAttestation:PCR0": "aa"})).allowed
+    image = _policy(_allow(Condition={"StringEquals": {"kms:recipientattestation:imagesha384": "aa"}}))
+    assert image.evaluate(_req(**{"kms:RecipientAttestation:ImageSha384": "aa"})).allowed
+    assert not image.evaluate(_req(**{"kms:RecipientAttestation:ImageSha384": "AA"})).allowed
+
+
+def test_encryption_context_key_part_is_case_insensitive_values_are_not() -> None:
+    # AWS KMS developer guide, kms:EncryptionContext:context-key: the context-key is not case sensitive; the
+    # value is, with StringEquals
     ctx = _policy(_allow(Condition={"StringEquals": {"kms:EncryptionContext:Tenant": "t1"}}))
     assert ctx.evaluate(_req(**{"kms:EncryptionContext:Tenant": "t1"})).allowed
-    assert not ctx.evaluate(_req(**{"kms:EncryptionContext:tenant": "t1"})).allowed
+    assert ctx.evaluate(_req(**{"kms:EncryptionContext:tenant": "t1"})).allowed
+    assert ctx.evaluate(_req(**{"KMS:ENCRYPTIONCONTEXT:TENANT": "t1"})).allowed
+    assert not ctx.evaluate(_req(**{"kms:EncryptionContext:tenant": "T1"})).allowed
+    assert not ctx.evaluate(_req(**{"kms:EncryptionContext:tenants": "t1"})).allowed
+    null = _policy(_allow(Condition={"Null": {"kms:EncryptionContext:TENANT": "false"}}))
+    assert null.evaluate(_req(**{"kms:EncryptionContext:tenant": "t1"})).allowed
+
+
+def test_case_twins_must_all_satisfy_an_allow_and_any_fires_a_deny() -> None:
+    twins = {"kms:EncryptionContext:tenant": "t1", "kms:EncryptionContext:Tenant": "t2"}
+    allow = _policy(_allow(Condition={"StringEquals": {"kms:EncryptionContext:tenant": "t1"}}))
+    assert not allow.evaluate(_req(**twins)).allowed
+    assert allow.evaluate(_req(**(twins | {"kms:EncryptionContext:Tenant": "t1"}))).allowed
+    deny = _policy(_allow(), {"Sid": "D", "Effect": "Deny", "Principal": "*", "Action": "kms:*", "Resource": "*",
+                              "Condition": {"StringEquals": {"kms:EncryptionContext:TENANT": "t2"}}})
+    decision = deny.evaluate(_req(**twins))
+    assert not decision.allowed and decision.explicit_deny
+    assert deny.evaluate(_req(**{"kms:EncryptionContext:tenant": "t1"})).allowed
+
+
+@pytest.mark.parametrize(("effect", "null", "keys", "allowed"), [
+    ("Allow", "false", [], False),     # "require a context": a request without one is refused
+    ("Allow", "false", None, False),
+    ("Allow", "false", ["a"], True),
+    ("Allow", "true", [], True),
+    ("Deny", "true", [], False),       # "deny without a context" fires for an empty key
+    ("Deny", "true", None, False),
+    ("Deny", "true", ["a"], True),
+])
+def test_null_treats_an_empty_multi_valued_key_as_missing(effect: str, null: str, keys: list[str] | None,
+                                                          allowed: bool) -> None:
+    statement = {"Effect": effect, "Principal": "*", "Action": "kms:*", "Resource": "*",
+                 "Condition": {"Null": {"kms:EncryptionContextKeys": null}}}
+    policy = _policy(statement) if effect == "Allow" else _policy(_allow(), statement)
+    context = {} if keys is None else {"kms:EncryptionContextKeys": keys}
+    assert policy.evaluate(_req(**context)).allowed is allowed
+
+
+@pytest.mark.parametrize(("operator", "allowed"), [
+    ("StringEqualsIfExists", True), ("StringEquals", False), ("StringNotEquals", True),
+])
+def test_empty_multi_valued_key_is_missing_for_other_operators(operator: str, allowed: bool) -> None:
+    policy = _policy(_allow(Condition={operator: {"kms:EncryptionContextKeys": "a"}}))
+    assert policy.evaluate(_req(**{"kms:EncryptionContextKeys": []})).allowed is allowed
+
+
+def test_number_and_boolean_condition_values_are_their_json_text() -> None:
+    text = json.dumps({"Statement": [_allow(Condition={"StringEquals": {"kms:EncryptionContext:n": "@"}})]})
+    policy = KeyPolicy.from_json(text.replace('"@"', "[5, -2, 1.50, 1e3, true, false]"))
+    for value in ("5", "-2", "1.50", "1e3", "true", "false"):
+        assert policy.evaluate(_req(**{"kms:EncryptionContext:n": value})).allowed, value
+    for value in ("1.5", "1000.0", "True", "5.0"):
+        assert not policy.evaluate(_req(**{"kms:EncryptionContext:n": value})).allowed, value
+    single = _policy(_allow(Condition={"StringNotEquals": {"kms:EncryptionContext:n": 7}}))
+    assert not single.evaluate(_req(**{"kms:EncryptionContext:n": "7"})).allowed
+    assert single.evaluate(_req(**{"kms:EncryptionContext:n": "8"})).allowed
+    flag = _policy(_allow(Condition={"Bool": {"kms:EncryptionContext:f": [True]}}))
+    assert flag.evaluate(_req(**{"kms:EncryptionContext:f": "true"})).allowed
 
 
 @pytest.mark.parametrize(("operator", "values", "keys", "allowed"), [

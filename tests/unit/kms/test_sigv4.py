@@ -235,3 +235,47 @@ def test_parse_returns_the_parts() -> None:
 def test_naive_now_is_a_caller_bug() -> None:
     with pytest.raises(ValueError):
         check(signed(), now=NOW.replace(tzinfo=None))
+
+
+# --------------------------------------------------------------------------------------------- x-amz-target
+
+
+def _signed_without_target() -> dict[str, str]:
+    """What the AWS C SDK sends: X-Amz-Target present but not among the signed headers."""
+    headers = {"Content-Type": "application/x-amz-json-1.1", "Host": "127.0.0.1:4566"}
+    out = sign_request_headers(url=URL, body=BODY, headers=headers, access_key_id=AKID, secret=SECRET,
+                               region="us-east-1", now=NOW)
+    assert "x-amz-target" not in out["Authorization"]
+    return {**out, "X-Amz-Target": "TrentService.Encrypt"}
+
+
+def test_unsigned_target_is_accepted_by_default_like_aws() -> None:
+    assert check(_signed_without_target()) == PRINCIPAL
+
+
+def test_unsigned_target_can_be_swapped_by_default() -> None:
+    # the gap require_signed_target closes: the same signature is valid for another operation
+    replayed = {**_signed_without_target(), "X-Amz-Target": "TrentService.ScheduleKeyDeletion"}
+    assert check(replayed) == PRINCIPAL
+
+
+def test_require_signed_target_refuses_an_unsigned_target() -> None:
+    with pytest.raises(KMSError) as info:
+        verify_request(method="POST", path="/", headers=list(_signed_without_target().items()), body=BODY,
+                       lookup=lookup, now=NOW, region="us-east-1", require_signed_target=True)
+    assert info.value.aws_code == "IncompleteSignature"
+    assert info.value.status == 400
+    assert "x-amz-target" in info.value.aws_message
+
+
+def test_require_signed_target_accepts_a_signed_target_and_detects_a_swap() -> None:
+    headers = signed()
+    assert "x-amz-target" in headers["Authorization"]
+    principal = verify_request(method="POST", path="/", headers=list(headers.items()), body=BODY, lookup=lookup,
+                               now=NOW, region="us-east-1", require_signed_target=True)
+    assert principal == PRINCIPAL
+    swapped = {**headers, "X-Amz-Target": "TrentService.ScheduleKeyDeletion"}
+    with pytest.raises(KMSError) as info:
+        verify_request(method="POST", path="/", headers=list(swapped.items()), body=BODY, lookup=lookup,
+                       now=NOW, region="us-east-1", require_signed_target=True)
+    assert info.value.aws_code == "InvalidSignatureException"
