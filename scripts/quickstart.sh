@@ -1,29 +1,22 @@
 #!/usr/bin/env bash
-# Install enclavekit into .venv and run the main job: build the example enclave image (EIF) from examples/hello,
-# describe it, and show that a second build measures the same (reproducible PCRs).
+# Install enclavekit into .venv and run the main job end to end: `enclavekit quickstart` builds the example enclave
+# application (examples/quickstart) into an EIF, starts the KMS and vsock-proxy, shows the enclave attesting and
+# decrypting a secret that only its PCR0 may decrypt, shows a changed image being denied, validates the audit
+# trail, prints a summary and cleans up.  Enclaves need root: run this script as root (or it re-runs the
+# quickstart with sudo).  Extra arguments go to `enclavekit quickstart` (e.g. --json, --keep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/_env.sh
 source scripts/_env.sh
 ensure_venv
 ek="$VENV/bin/enclavekit"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 
-echo "== build-enclave: examples/hello -> hello.eif" >&2
-"$ek" build-enclave --docker-uri dir:examples/hello/rootfs --cmd /app/hello.sh --name hello \
-    --output-file "$work/hello.eif" > "$work/build.json"
-cat "$work/build.json"
-
-echo "== describe-eif hello.eif" >&2
-"$ek" describe-eif --eif-path "$work/hello.eif"
-
-echo "== a second build measures the same" >&2
-"$ek" build-enclave --docker-uri dir:examples/hello/rootfs --cmd /app/hello.sh --name hello \
-    --output-file "$work/again.eif" > "$work/again.json"
-if cmp -s "$work/build.json" "$work/again.json"; then
-    echo "PCRs identical across builds" >&2
+if [ "$(id -u)" -eq 0 ]; then
+    exec "$ek" quickstart "$@"
+elif command -v sudo >/dev/null 2>&1; then
+    echo "enclaves need root: running the quickstart with sudo" >&2
+    exec sudo "$ek" quickstart "$@"
 else
-    echo "PCRs differ between two builds of the same input" >&2
+    echo "enclaves need root: run scripts/quickstart.sh as root" >&2
     exit 1
 fi

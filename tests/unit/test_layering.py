@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "enclavekit"
 
 RANK = {
     "errors": 0, "_internal": 1, "formats": 1, "attestation": 2, "nsm": 3, "kms": 3, "audit": 3,
-    "image": 4, "runtime": 4, "vsock": 4, "testing": 5, "sdk": 5, "cli": 6, "__init__": 0,
+    "image": 4, "runtime": 4, "vsock": 4, "testing": 5, "sdk": 5, "cli": 6, "quickstart": 6, "__init__": 0,
 }
 IMPURE = {"os", "socket", "time", "random", "secrets", "subprocess", "threading", "pathlib", "shutil", "tempfile"}
 

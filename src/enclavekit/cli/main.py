@@ -37,6 +37,8 @@ COMMANDS: dict[str, str] = {
     "kms": "enclavekit.cli.kms",
     "audit": "enclavekit.cli.audit",
     "explain": "enclavekit.cli.explain",
+    "kmstool": "enclavekit.cli.kmstool",
+    "quickstart": "enclavekit.cli.quickstart",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 

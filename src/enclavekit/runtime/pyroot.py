@@ -34,6 +34,7 @@ distribution.  Reproducible for a given host: the file list is sorted and the by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import modulefinder
 import os
@@ -77,6 +78,10 @@ def _version_dir() -> str:
     return f"python{sys.version_info.major}.{sys.version_info.minor}"
 
 
+# module imported from compiled code -> the module whose presence means it is needed
+_HIDDEN_IMPORTS = {"_cffi_backend": "cryptography"}
+
+
 def _closure(scripts: Sequence[Path], extra: Iterable[str], path: list[str],
              excludes: Sequence[str]) -> dict[str, str]:
     """module name → file (``.py``, extension ``.so``) for everything the scripts and start-up need."""
@@ -99,6 +104,11 @@ def _closure(scripts: Sequence[Path], extra: Iterable[str], path: list[str],
                 for entry in sorted(Path(directory).glob("*.py")):
                     if entry.stem != "__init__":
                         finder.import_hook(f"{package}.{entry.stem}")
+    # imports no static scan can see: cryptography's compiled core loads _cffi_backend from C
+    for hidden, needed_by in _HIDDEN_IMPORTS.items():
+        if needed_by in finder.modules and hidden not in finder.modules:
+            with contextlib.suppress(ImportError):
+                finder.import_hook(hidden)
     found: dict[str, str] = {}
     for name, module in finder.modules.items():
         file = getattr(module, "__file__", None)
