@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="refuse Recipient documents older than this (beyond AWS; off by default)")
     s.add_argument("--single-use-nonces", action="store_true",
                    help="refuse a Recipient document whose nonce was seen before (beyond AWS; off by default)")
+    s.add_argument("--require-signed-target", action="store_true",
+                   help="refuse requests whose SigV4 signature does not cover X-Amz-Target (boto3 signs it; the "
+                   "AWS C SDK does not): stops a captured request being replayed as another operation")
     s.add_argument("--trail", default=None, metavar="DIR|s3://BUCKET/PREFIX",
                    help="where the audit trail goes: a directory (its state and log files), or an S3 bucket (state "
                    "in <data-dir>/audit) (default: <data-dir>/audit)")
@@ -113,6 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
                      tls_key=args.tls_key, tls_local_ca=args.tls, trust_aws_root=args.trust_aws_root,
                      extra_roots=tuple(args.root), max_attestation_age=args.max_attestation_age,
                      single_use_nonces=args.single_use_nonces, trail=args.trail,
+                     require_signed_target=args.require_signed_target,
                      digest_interval=args.digest_interval, audit_endpoint_url=args.audit_endpoint_url,
                      unsafe_no_audit=args.unsafe_no_audit)
 

@@ -111,7 +111,7 @@ class KMSApp:
     def __init__(self, service: KMSServiceLike, lookup: PrincipalLookup, audit: AuditSink, *, region: str,
                  account_id: str, clock: Callable[[], datetime] | None = None,
                  request_ids: Callable[[], str] | None = None, event_ids: Callable[[], str] | None = None,
-                 max_skew: timedelta = MAX_SKEW) -> None:
+                 max_skew: timedelta = MAX_SKEW, require_signed_target: bool = False) -> None:
         self.service = service
         self.lookup = lookup
         self.audit = audit
@@ -121,6 +121,7 @@ class KMSApp:
         self.request_ids = request_ids or (lambda: str(uuid.uuid4()))
         self.event_ids = event_ids or (lambda: str(uuid.uuid4()))
         self.max_skew = max_skew
+        self.require_signed_target = require_signed_target
         self._inflight = 0
         self._idle = threading.Condition()
 
@@ -167,7 +168,8 @@ class KMSApp:
                 raise KMSError("ValidationException", f"the request body is larger than {MAX_BODY} bytes",
                                status=413)
             principal = verify_request(method=method, path=path, headers=headers, body=body, lookup=self.lookup,
-                                       now=now, region=self.region, max_skew=self.max_skew)
+                                       now=now, region=self.region, max_skew=self.max_skew,
+                                       require_signed_target=self.require_signed_target)
             facts = replace(facts, principal=principal)
             if operation is None:
                 raise KMSError("UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>")

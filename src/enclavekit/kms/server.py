@@ -79,6 +79,7 @@ class ServerConfig:
     extra_roots: tuple[Path, ...] = ()
     max_attestation_age: float | None = None
     single_use_nonces: bool = False
+    require_signed_target: bool = False      # SigV4 must cover X-Amz-Target (see docs/kms.md)
     account_id: str = "111122223333"
     region: str = "us-east-1"
     drain_seconds: float = _DRAIN_SECONDS
@@ -384,7 +385,8 @@ def _serve_worker(config: ServerConfig, sock: socket.socket, *, ssl_context: ssl
     try:
         service = (service_factory or _make_service)(config, store)
         audit = _open_audit(config)
-        app = KMSApp(service, _CachedLookup(store), audit, region=config.region, account_id=config.account_id)
+        app = KMSApp(service, _CachedLookup(store), audit, region=config.region, account_id=config.account_id,
+                     require_signed_target=config.require_signed_target)
         server = KMSHTTPServer(app, sock, ssl_context=ssl_context)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="kms-accept", daemon=True)

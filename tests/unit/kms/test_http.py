@@ -274,3 +274,37 @@ def test_principal_lookups_are_cached_positively_only() -> None:
     assert cached("AKIANOBODY") is None
     assert cached("AKIANOBODY") is None
     assert Store.calls == 3
+
+
+def _signed_without_target(operation: str) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers signed the way the AWS C SDK signs: X-Amz-Target added after signing, so not covered."""
+    body = json.dumps({"KeyId": "alias/a"}).encode()
+    headers = {"Host": "127.0.0.1:4566", "Content-Type": "application/x-amz-json-1.1"}
+    headers = sign_request_headers(url="http://127.0.0.1:4566/", body=body, headers=headers,
+                                   access_key_id=AKID, secret=SECRET, region="us-east-1", now=NOW)
+    headers["X-Amz-Target"] = f"TrentService.{operation}"
+    return list(headers.items()), body
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_require_signed_target_refuses_an_unsigned_operation(required: bool) -> None:
+    service, sink = FakeService(), MemorySink()
+    app = KMSApp(service, lookup, sink, region="us-east-1", account_id="111122223333", clock=lambda: NOW,
+                 require_signed_target=required)
+    headers, body = _signed_without_target("Encrypt")
+    response = app.handle(method="POST", path="/", headers=headers, body=body, body_too_large=False)
+    if required:
+        assert response.status == 400
+        assert json.loads(response.body)["__type"] == "IncompleteSignature"
+        assert service.requests == []
+    else:  # AWS parity: the C SDK's signing is accepted by default
+        assert response.status == 200
+        assert [r.operation for r in service.requests] == ["Encrypt"]
+
+
+def test_require_signed_target_accepts_a_signed_target() -> None:
+    service = FakeService()
+    app = KMSApp(service, lookup, MemorySink(), region="us-east-1", account_id="111122223333", clock=lambda: NOW,
+                 require_signed_target=True)
+    status, _, _ = request(app, "Encrypt")
+    assert status == 200
