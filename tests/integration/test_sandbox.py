@@ -51,6 +51,7 @@ PROBE_C = r"""
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 static int try_socket(int family, int type) {
@@ -83,6 +84,9 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "vsock")) return try_socket(40, SOCK_STREAM);
     if (!strcmp(m, "netlink")) return try_socket(16, SOCK_RAW);
     if (!strcmp(m, "packet")) return try_socket(17, SOCK_RAW);
+    if (!strcmp(m, "rds")) return try_socket(21, SOCK_SEQPACKET);
+    if (!strcmp(m, "tipc")) return try_socket(30, SOCK_RDM);
+    if (!strcmp(m, "alg")) return try_socket(38, SOCK_SEQPACKET);
     if (!strcmp(m, "open")) {
         FILE *f = fopen(argv[2], "r");
         if (!f) { printf("open %s failed errno=%d\n", argv[2], errno); return 0; }
@@ -185,6 +189,19 @@ int main(int argc, char **argv) {
         printf("chmod 0700 %s\n", rc < 0 ? "refused" : "ALLOWED");
         return 0;
     }
+    if (!strcmp(m, "xattr")) {  /* a file capability would be root on the host (identity uid map) */
+        int fd = open(argv[2], O_CREAT | O_WRONLY, 0755);
+        if (fd < 0) { printf("create failed errno=%d\n", errno); return 1; }
+        unsigned char cap[20] = {0, 0, 0, 2, 0xff, 0xff, 0xff, 0xff};  /* VFS_CAP_REVISION_2, all permitted */
+        int r1 = setxattr(argv[2], "security.capability", cap, sizeof cap, 0);
+        int e1 = errno;
+        int r2 = fsetxattr(fd, "user.x", "1", 1, 0);
+        int e2 = errno;
+        printf("setxattr %s errno=%d\n", r1 < 0 ? "refused" : "ALLOWED", r1 < 0 ? e1 : 0);
+        printf("fsetxattr %s errno=%d\n", r2 < 0 ? "refused" : "ALLOWED", r2 < 0 ? e2 : 0);
+        close(fd);
+        return 0;
+    }
     if (!strcmp(m, "sleep")) { printf("ready\n"); for (;;) pause(); }
     if (!strcmp(m, "exit")) return atoi(argv[2]);
     return 2;
@@ -265,7 +282,7 @@ def test_outward_tcp_to_host_loopback_fails(run_probe: Callable[..., tuple[int, 
             listener.accept()
 
 
-@pytest.mark.parametrize("family", ["vsock", "netlink", "packet"])
+@pytest.mark.parametrize("family", ["vsock", "netlink", "packet", "rds", "tipc", "alg"])
 def test_forbidden_socket_families_are_refused(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
                                                family: str) -> None:
     rc, out, _ = run_probe(family)
@@ -433,6 +450,17 @@ def test_set_id_bits_are_refused(run_probe: Callable[..., tuple[int, str, Sandbo
     assert f"chmod 04755 refused errno={EPERM}" in out, out
     assert "chmod 0700 ALLOWED" in out, out  # only the set-id bits are refused
     assert not (own / "x").stat().st_mode & 0o6000
+
+
+def test_extended_attributes_are_refused(run_probe: Callable[..., tuple[int, str, SandboxProcess]],
+                                        tmp_path: Path) -> None:
+    own = tmp_path / "vsock16"
+    own.mkdir()
+    _, out, _ = run_probe("xattr", "/run/enclavekit/vsock/16/x",
+                           writable_directories={str(own): "/run/enclavekit/vsock/16"})
+    assert f"setxattr refused errno={EPERM}" in out, out
+    assert f"fsetxattr refused errno={EPERM}" in out, out
+    assert not os.listxattr(own / "x")
 
 
 def test_a_symlink_is_not_a_channel_directory(probe: Path, tmp_path: Path) -> None:

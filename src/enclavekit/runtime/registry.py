@@ -29,6 +29,7 @@ The naming and CID decisions are pure functions; :class:`Registry` is the I/O sh
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -289,6 +290,32 @@ def _owner_alive(record: EnclaveRecord) -> bool:
 
 # ---------------------------------------------------------------- the registry (I/O)
 
+# An enclave's own vsock directory is visible inside the enclave, writable, and lives on the host: a small private
+# tmpfs (nosuid, nodev, noexec, few inodes) keeps it from becoming host storage or a place to plant executables.
+CHANNEL_TMPFS_OPTIONS = "size=256k,nr_inodes=512,mode=0700"
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
+_MNT_DETACH = 0x2
+
+
+def mount_channel_dir(path: Path, uid: int, gid: int) -> None:
+    """Mount the small private tmpfs on an enclave's own vsock directory, owned by the image's user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    data = f"{CHANNEL_TMPFS_OPTIONS},uid={uid},gid={gid}".encode()
+    if libc.mount(b"enclavekit-vsock", os.fsencode(str(path)), b"tmpfs",
+                  ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC), data) != 0:
+        err = ctypes.get_errno()
+        raise FileOperationError(f"cannot mount the vsock channel directory {path}: {os.strerror(err)}",
+                                 details={"File": str(path), "failing operation": "Mount"})
+
+
+def unmount_channel_dir(path: Path) -> None:
+    """Detach the channel tmpfs (if any) so the directory can be removed; idempotent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    while os.path.ismount(path):
+        if libc.umount2(os.fsencode(str(path)), _MNT_DETACH) != 0:
+            return
+
+
 class Registry:
     """The enclaves recorded under ``root`` (the run directory).
 
@@ -485,6 +512,7 @@ class Registry:
         with self.lock():
             # the vsock directory of the CID, unless a live enclave took the CID over meanwhile
             if not any(r.cid == record.cid and r.enclave_id != record.enclave_id for r in self.live_records()):
+                unmount_channel_dir(self.vsock_root / str(record.cid))
                 shutil.rmtree(self.vsock_root / str(record.cid), ignore_errors=True)
 
     def clean_stale(self, release: Callable[[EnclaveRecord], None] | None = None) -> list[EnclaveRecord]:

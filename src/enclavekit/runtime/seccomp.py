@@ -73,6 +73,7 @@ _BPF_MAXINSNS = 4096
 _COMMON_NEW = {  # numbers ≥ 403 are the same on every architecture
     "io_uring_setup": 425, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
     "fsmount": 432, "fspick": 433, "clone3": 435, "openat2": 437, "mount_setattr": 442, "fchmodat2": 452,
+    "pidfd_getfd": 438, "setxattrat": 463,
 }
 SYSCALLS: dict[int, dict[str, int]] = {
     AUDIT_ARCH_X86_64: {
@@ -84,7 +85,7 @@ SYSCALLS: dict[int, dict[str, int]] = {
         "unshare": 272, "setns": 308, "open_by_handle_at": 304, "process_vm_readv": 310,
         "process_vm_writev": 311, "ioctl": 16, "connect": 42, "bind": 49, "accept": 43, "accept4": 288,
         "getsockname": 51, "getpeername": 52, "open": 2, "creat": 85, "chmod": 90, "fchmod": 91, "openat": 257,
-        "fchmodat": 268, **_COMMON_NEW,
+        "fchmodat": 268, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, **_COMMON_NEW,
     },
     AUDIT_ARCH_AARCH64: {
         "socket": 198, "socketpair": 199, "clone": 220, "ptrace": 117, "mount": 40, "umount2": 39,
@@ -94,11 +95,15 @@ SYSCALLS: dict[int, dict[str, int]] = {
         "perf_event_open": 241, "userfaultfd": 282, "keyctl": 219, "add_key": 217, "request_key": 218,
         "unshare": 97, "setns": 268, "open_by_handle_at": 265, "process_vm_readv": 270,
         "process_vm_writev": 271, "ioctl": 29, "connect": 203, "bind": 200, "accept": 202, "accept4": 242,
-        "getsockname": 204, "getpeername": 205, "openat": 56, "fchmod": 52, "fchmodat": 53, **_COMMON_NEW,
+        "getsockname": 204, "getpeername": 205, "openat": 56, "fchmod": 52, "fchmodat": 53, "setxattr": 5,
+        "lsetxattr": 6, "fsetxattr": 7, **_COMMON_NEW,
     },
 }
 _SECCOMP_SYSCALL = {AUDIT_ARCH_X86_64: 317, AUDIT_ARCH_AARCH64: 277}
 
+AF_UNIX = 1
+AF_INET = 2
+AF_INET6 = 10
 AF_NETLINK = 16
 AF_PACKET = 17
 AF_VSOCK = 40
@@ -304,28 +309,41 @@ _REFUSED = (
     "swapon", "swapoff", "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
     "unshare", "setns", "open_by_handle_at", "process_vm_readv", "process_vm_writev",
     "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    # extended attributes: with the identity uid map, security.capability written into a shared host directory
+    # would be a file capability on the host
+    "setxattr", "lsetxattr", "fsetxattr", "setxattrat",
+    # taking another process's file descriptors (PID 1's heartbeat socket and status pipe during boot)
+    "pidfd_getfd",
 )
+# Socket families an enclave may create; every other family is refused (an allow-list, so families a host kernel
+# happens to build in (RDS, TIPC, ALG, XDP, ...) never become reachable).  AF_VSOCK is translated, not created, by
+# the device emulation's USER_NOTIF rules, which are placed ahead of these.
+_SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6)
 
 
 def sandbox_filter(arch: int | None = None) -> SeccompFilter:
     """The base policy of every sandbox.
 
-    * ``socket``/``socketpair`` of family AF_VSOCK, AF_NETLINK or AF_PACKET → ``EAFNOSUPPORT``.  AF_INET/AF_INET6
-      sockets may be created: the sandbox's network namespace has only ``lo``, so nothing leaves it.
+    * ``socket`` of any family but AF_UNIX, AF_INET, AF_INET6 (so AF_VSOCK, AF_NETLINK, AF_PACKET, ...) and
+      ``socketpair`` of any family but AF_UNIX → ``EAFNOSUPPORT``.  AF_INET/AF_INET6 sockets may be created: the
+      sandbox's network namespace has only ``lo``, so nothing leaves it.
     * ``io_uring_setup`` → ``ENOSYS`` (io_uring operations bypass seccomp and could open vsock sockets).
     * ``clone3`` → ``ENOSYS`` (its flags sit behind a pointer; libc falls back to ``clone``, checked below).
     * ``clone`` with a namespace flag → ``EPERM``; the syscalls in ``_REFUSED`` → ``EPERM``.
     * giving a file set-user/group-id bits (``chmod`` family, creating ``open``/``openat``/``creat``) → ``EPERM``;
       ``openat2`` → ``ENOSYS`` (its mode is behind a pointer).
+    * ``setxattr`` family and ``pidfd_getfd`` → ``EPERM`` (in ``_REFUSED``).
     * everything else is allowed; a foreign architecture or the x32 ABI kills the process.
     """
     a = native_arch() if arch is None else arch
     eperm, eafnosupport, enosys = (Action.errno(errno_mod.EPERM), Action.errno(errno_mod.EAFNOSUPPORT),
                                    Action.errno(errno_mod.ENOSYS))
     rules: list[SyscallRule] = []
-    for call in ("socket", "socketpair"):
-        for family in (AF_VSOCK, AF_NETLINK, AF_PACKET):
-            rules.append(SyscallRule(call, eafnosupport, (ArgMatch(0, family),)))
+    for family in _SOCKET_FAMILIES:
+        rules.append(SyscallRule("socket", ALLOW, (ArgMatch(0, family),)))
+    rules.append(SyscallRule("socket", eafnosupport))
+    rules.append(SyscallRule("socketpair", ALLOW, (ArgMatch(0, AF_UNIX),)))
+    rules.append(SyscallRule("socketpair", eafnosupport))
     rules.append(SyscallRule("io_uring_setup", enosys))
     rules.append(SyscallRule("clone3", enosys))
     # clone's flags are args[0] on both x86_64 and arm64.

@@ -166,7 +166,12 @@ def test_invalid_rule_data() -> None:
 
 def test_describe_names_rules() -> None:
     lines = describe(sandbox_filter(AUDIT_ARCH_X86_64))
-    assert "socket if arg0 == 0x28 -> ERRNO(EAFNOSUPPORT)" in lines
+    # socket families are an allow-list: AF_UNIX, AF_INET, AF_INET6, then everything else refused
+    assert lines.index("socket if arg0 == 0x1 -> ALLOW") < lines.index("socket -> ERRNO(EAFNOSUPPORT)")
+    assert "socket if arg0 == 0x28 -> ALLOW" not in lines
+    assert "socketpair -> ERRNO(EAFNOSUPPORT)" in lines
+    assert "fsetxattr -> ERRNO(EPERM)" in lines
+    assert "pidfd_getfd -> ERRNO(EPERM)" in lines
     assert "ptrace -> ERRNO(EPERM)" in lines
     assert "clone3 -> ERRNO(ENOSYS)" in lines
 
