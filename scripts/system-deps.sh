@@ -2,11 +2,13 @@
 #   gcc        static C probes run inside sandboxes
 #   postgresql the KMS store's PostgreSQL backend (tests start their own server in a temp dir)
 #   openssl    CMS interoperability checks
+#   golang-go  an unmodified Go program (standard library only) run inside an enclave
 # Missing packages are installed with apt-get when running as root; otherwise the script says what to install.
 ensure_system_deps() {
     local missing=()
     command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v go >/dev/null 2>&1 || missing+=(golang-go)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--config", metavar="JSON", help="a JSON file with the run parameters (snake_case fields)")
     p.add_argument("--parent-role-arn", metavar="ARN", help="the parent's IAM role ARN (PCR3)")
     p.add_argument("--parent-instance-id", metavar="ID", help="the parent's instance id (PCR4)")
+    p.add_argument("--no-device-emulation", action="store_true",
+                   help="no /dev/nsm and no AF_VSOCK translation (applications that use only enclavekit.sdk)")
     p.set_defaults(func=run_enclave)
 
     d = sub.add_parser("describe-enclaves", help="list the running enclaves (JSON array)")
@@ -188,7 +190,8 @@ def run_enclave(args: argparse.Namespace) -> int:
         cpu_ids=tuple(params["cpu_ids"]) if params["cpu_ids"] is not None else None,
         enclave_cid=params["enclave_cid"], debug_mode=debug, enclave_name=params["enclave_name"],
         parent_role_arn=args.parent_role_arn, parent_instance_id=args.parent_instance_id,
-        run_dir=str(run_dir()), state_home=str(state_home()), owner_uid=os.getuid())
+        run_dir=str(run_dir()), state_home=str(state_home()), owner_uid=os.getuid(),
+        device_emulation=not args.no_device_emulation)
     registry = _registry()
     registry.ensure()
     clean_stale(registry, Path(request.state_home))

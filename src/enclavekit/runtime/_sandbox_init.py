@@ -13,8 +13,9 @@ Launcher (host PID namespace):
      wait for it and exit with its status.
 PID 1 (new PID namespace): connect to the boot heartbeat listener (when the spec names one; a host path, so
 before ``pivot_root``), mount ``/proc``, ``pivot_root`` into the tmpfs and detach the old root, apply the seccomp
-filter (last), fork the application (``setgroups/setgid/setuid``, ``execvpe``; a close-on-exec pipe tells PID 1
-that the exec succeeded), wait for the application's *boot* to end (below), report ``running`` (or the exec
+filter (last; with device emulation the filter's listener fd goes to the parent on ``notify_fd``, see
+docs/unmodified-apps.md), fork the application (``setgroups/setgid/setuid``, ``execvpe``; a close-on-exec pipe
+tells PID 1 that the exec succeeded), wait for the application's *boot* to end (below), report ``running`` (or the exec
 error, or the exit at boot), send the heartbeat, then reap zombies, forward
 SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 and exit with the application's status (128 + signal number when it
 was killed).
@@ -82,7 +83,8 @@ IFF_UP = 0x1
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 DEVICES = ("null", "zero", "random", "urandom", "full")
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "asound", "scsi")
-PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms", "kmsg")
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms", "kmsg", "kpageflags",
+               "kpagecount", "kpagecgroup", "sysrq-trigger")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -220,6 +222,8 @@ def _launch(spec: dict[str, Any], chan: _Channel) -> NoReturn:
         _bind_file(f"/dev/{name}", _inside(stage, f"/dev/{name}"), nodev=False)
     for host, inside in spec["sockets"]:
         _bind_file(host, _inside(stage, inside))
+    for host, inside in spec.get("devices", ()):
+        _bind_file(host, _inside(stage, inside), nodev=False)  # /dev/nsm (device emulation)
     for host, inside, writable in spec.get("directories", ()):
         _bind_dir(host, _inside(stage, inside), writable=bool(writable))
     os.makedirs(_inside(stage, "/proc"), mode=0o755, exist_ok=True)
@@ -235,6 +239,8 @@ def _launch(spec: dict[str, Any], chan: _Channel) -> NoReturn:
             with contextlib.suppress(BaseException):
                 chan.report(stage="error", error=f"PID 1: {exc}")
             os._exit(125)
+    if spec.get("notify_fd") is not None:
+        os.close(int(spec["notify_fd"]))  # PID 1 holds it; the launcher must not
     chan.report(stage="pid1", pid=pid)
     chan.status.close()
     chan.ctl.close()
@@ -262,8 +268,17 @@ def _pid1(spec: dict[str, Any], chan: _Channel, program: bytes) -> NoReturn:
     _umount2("/.oldroot", MNT_DETACH)
     os.rmdir("/.oldroot")
     os.chdir(spec["workdir"])
+    # device emulation: the socket object is made before the filter (its constructor calls getsockname, which
+    # the filter sends to a supervisor that does not have the listener yet)
+    notify = socket.socket(fileno=int(spec["notify_fd"])) if spec.get("notify_fd") is not None else None
     # seccomp last: after it no mount, unshare or pivot_root is possible, for PID 1 too.
-    install_filter(program, flags=int(spec["seccomp_flags"]))
+    listener = install_filter(program, flags=int(spec["seccomp_flags"]))
+    if notify is not None:
+        # unmodified-apps §2.1: the filter's listener goes to the supervisor before the application exists;
+        # neither PID 1 nor the application keeps it
+        with notify:
+            socket.send_fds(notify, [b"L"], [listener])
+        os.close(listener)
     err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec succeeded
     app = os.fork()
     if app == 0:

@@ -26,10 +26,12 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +41,15 @@ from typing import IO, Any
 from enclavekit.errors import EnclaveKitError, SandboxBootError, SandboxError
 from enclavekit.runtime.cgroups import Cgroup, CgroupLayout, create_cgroup
 from enclavekit.runtime.seccomp import SeccompFilter, sandbox_filter
+from enclavekit.runtime.usernotif import (
+    NOTIFYING_FILTER_FLAGS,
+    NotificationHandler,
+    NotificationListener,
+    NotificationServer,
+    dispatch_table,
+    merged_filter,
+    receive_listener,
+)
 
 __all__ = ["SandboxSpec", "Sandbox", "SandboxProcess", "DEFAULT_PIDS_MAX"]
 
@@ -68,6 +79,12 @@ class SandboxSpec:
     only once the application has booted (it first waited), and raises SandboxBootError (E36) when it exits
     before.  ``tmpfs_size_mib`` defaults to half of
     ``memory_mib``.  ``seccomp`` defaults to :func:`~enclavekit.runtime.seccomp.sandbox_filter`.
+
+    Device emulation for unmodified programs (docs/unmodified-apps.md): ``devices`` maps host character-device
+    nodes to paths inside (``/dev/nsm``); ``notification_handlers`` (an :class:`~enclavekit.runtime.nsm_device.
+    NSMDevice`, a :class:`~enclavekit.runtime.vsock_translate.VsockTranslator`) add their seccomp user-notification
+    rules ahead of the policy's refusals in the sandbox's one filter, and :meth:`Sandbox.start` serves them on a
+    thread of the calling process until the sandbox ends.
     """
 
     argv: tuple[str, ...]
@@ -88,6 +105,8 @@ class SandboxSpec:
     hostname: str = "enclave"
     seccomp: SeccompFilter | None = None
     name: str | None = None
+    devices: Mapping[str, str] = field(default_factory=dict)
+    notification_handlers: tuple[NotificationHandler, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
@@ -114,6 +133,11 @@ class SandboxSpec:
             raise ValueError(f"heartbeat must be an absolute host path: {self.heartbeat!r}")
         if not isinstance(self.rootfs, Path) and not callable(self.rootfs):
             raise TypeError("rootfs must be a Path or a callable(root: Path)")
+        for host, inside in self.devices.items():
+            if not os.path.isabs(host):
+                raise ValueError(f"device host path must be absolute: {host!r}")
+            if not _canonical_inside(inside).startswith("/dev/"):
+                raise ValueError(f"a device goes under /dev inside the sandbox, got {inside!r}")
         if not self.hostname or len(self.hostname) > 64:
             raise ValueError("hostname must be 1..64 characters")
 
@@ -129,6 +153,24 @@ class SandboxProcess:
         self._proc = proc
         self._init_fd: int | None = None
         self._closed = False
+        self.notifications: NotificationServer | None = None  # serves /dev/nsm and AF_VSOCK (device emulation)
+        self._notify_thread: threading.Thread | None = None
+
+    def _serve_notifications(self, listener: NotificationListener,
+                             table: dict[int, tuple[str, NotificationHandler]]) -> None:
+        server = NotificationServer(listener, table)
+        thread = threading.Thread(target=server.run, name=f"{self.name}-notif", daemon=True)
+        self.notifications, self._notify_thread = server, thread
+        thread.start()
+
+    def _stop_notifications(self) -> None:
+        server, thread = self.notifications, self._notify_thread
+        if server is None or thread is None:
+            return
+        server.stop()
+        thread.join(timeout=10)
+        server.listener.close()
+        self._notify_thread = None
 
     @property
     def pid(self) -> int:
@@ -196,6 +238,7 @@ class SandboxProcess:
             return
         try:
             self.kill()
+            self._stop_notifications()
             self.cgroup.destroy()
         finally:
             if self._init_fd is not None:
@@ -236,14 +279,30 @@ class Sandbox:
                 raise SandboxError(f"channel directory {host}: {exc.strerror}") from exc
             if not stat.S_ISDIR(mode):
                 raise SandboxError(f"channel directory {host} is not a directory (symlinks are refused)")
+        for host in spec.devices:
+            try:
+                mode = os.stat(host).st_mode
+            except OSError as exc:
+                raise SandboxError(f"device node {host}: {exc.strerror}") from exc
+            if not stat.S_ISCHR(mode):
+                raise SandboxError(f"device {host} is not a character device node")
         name = spec.name or f"enclavekit-{secrets.token_hex(6)}"
         flt = spec.seccomp or sandbox_filter()
+        handlers = spec.notification_handlers
+        table: dict[int, tuple[str, NotificationHandler]] = {}
+        seccomp_flags = flt.flags
+        if handlers:
+            # unmodified-apps §5: one notifying filter per sandbox, its USER_NOTIF rules ahead of the refusals
+            flt = merged_filter(handlers, flt)
+            table = dispatch_table(flt, handlers)
+            seccomp_flags = flt.flags | NOTIFYING_FILTER_FLAGS
         program = flt.compile()
         cgroup = create_cgroup(name, layout=cgroup_layout)
         stage: Path | None = None
         proc: subprocess.Popen[bytes] | None = None
         sandbox: SandboxProcess | None = None
         fds: list[int] = []
+        notify: tuple[socket.socket, socket.socket] | None = None
         try:
             limit = spec.memory_mib * MIB
             cgroup.set_memory_limit(limit)
@@ -257,12 +316,19 @@ class Sandbox:
             env = {"PATH": os.environ.get("PATH", os.defpath)}
             if "PYTHONPATH" in os.environ:
                 env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+            passed = [ctl_r, status_w]
+            if handlers:
+                # PID 1 sends the filter's listener fd back on this pair (SCM_RIGHTS)
+                notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                passed.append(notify[1].fileno())
             proc = subprocess.Popen(
                 [sys.executable, "-m", "enclavekit.runtime._sandbox_init", str(ctl_r), str(status_w)],
-                pass_fds=(ctl_r, status_w), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                pass_fds=tuple(passed), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
             os.close(ctl_r)
             os.close(status_w)
+            if notify is not None:
+                notify[1].close()
             fds = [ctl_w, status_r]
             sandbox = SandboxProcess(name, proc, cgroup, stage)
             cgroup.add_pid(proc.pid)
@@ -275,9 +341,12 @@ class Sandbox:
                 "heartbeat": spec.heartbeat, "await_boot": spec.await_boot,
                 "argv": list(spec.argv), "env": dict(spec.env), "workdir": _canonical_inside(spec.workdir),
                 "uid": spec.uid, "gid": spec.gid, "cpu_ids": list(spec.cpu_ids or ()),
-                "seccomp": program.hex(), "seccomp_flags": flt.flags,
+                "seccomp": program.hex(), "seccomp_flags": seccomp_flags,
+                "devices": [[h, _canonical_inside(i)] for h, i in spec.devices.items()],
+                "notify_fd": passed[2] if notify is not None else None,
             }
-            _converse(sandbox, spec, doc, ctl_w, status_r, deadline=time.monotonic() + timeout)
+            _converse(sandbox, spec, doc, ctl_w, status_r, deadline=time.monotonic() + timeout,
+                      notify=(notify[0], table) if notify is not None else None)
             return sandbox
         except BaseException:
             if sandbox is not None:
@@ -296,21 +365,37 @@ class Sandbox:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if notify is not None:
+                notify[0].close()
 
 
 def _converse(sandbox: SandboxProcess, spec: SandboxSpec, doc: dict[str, Any], ctl_w: int, status_r: int, *,
-              deadline: float) -> None:
-    """Drive the launcher's set-up steps (see ``_sandbox_init``) until the application runs."""
+              deadline: float,
+              notify: tuple[socket.socket, dict[int, tuple[str, NotificationHandler]]] | None = None) -> None:
+    """Drive the launcher's set-up steps (see ``_sandbox_init``) until the application runs.
+
+    With ``notify``, PID 1 sends the seccomp listener on that socket right after installing the filter (before
+    the application is forked); it is served from then on, so the application never waits for it.
+    """
     os.write(ctl_w, json.dumps(doc).encode() + b"\n")
     buf = b""
     running = False
-    while not (running and sandbox.init_pid is not None):
+    while not (running and sandbox.init_pid is not None and (notify is None or sandbox.notifications is not None)):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SandboxError("the sandbox did not start in time")
-        ready, _, _ = select.select([status_r], [], [], remaining)
+        waiting = [status_r] + ([notify[0]] if notify is not None and sandbox.notifications is None else [])
+        ready, _, _ = select.select(waiting, [], [], remaining)
         if not ready:
             continue
+        if notify is not None and notify[0] in ready:
+            try:
+                listener = receive_listener(notify[0], timeout=max(0.1, deadline - time.monotonic()))
+            except EnclaveKitError as exc:
+                raise SandboxError(f"sandbox set-up failed: {exc.message}", details=_console_tail(sandbox)) from exc
+            sandbox._serve_notifications(listener, notify[1])
+            if status_r not in ready:
+                continue
         chunk = os.read(status_r, 65536)
         if not chunk:
             raise SandboxBootError("the sandbox launcher exited during set-up", details=_console_tail(sandbox))

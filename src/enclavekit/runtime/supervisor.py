@@ -74,7 +74,9 @@ from enclavekit.runtime.registry import (
     EnclaveRecord,
     Registry,
     default_enclave_name,
+    mount_channel_dir,
     read_instance_id,
+    unmount_channel_dir,
 )
 from enclavekit.runtime.sandbox import Sandbox, SandboxProcess, SandboxSpec
 
@@ -125,6 +127,8 @@ class RunRequest:
     state_home: str = "/var/lib/enclavekit"
     owner_uid: int = 0
     boot_timeout: float | None = None
+    # docs/unmodified-apps.md: /dev/nsm and AF_VSOCK served by this supervisor (seccomp user notification)
+    device_emulation: bool = True
 
     def __post_init__(self) -> None:
         if (self.cpu_count is None) == (self.cpu_ids is None):
@@ -722,11 +726,26 @@ class Supervisor:
         own_dir = self.registry.vsock_root / str(record.cid)
         parent_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         own_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        # the application creates its listeners there, as whatever user the image names
-        os.chown(own_dir, app.uid, app.gid)
+        # the application creates its listeners there, as whatever user the image names; a small private tmpfs,
+        # so the enclave can neither store data on the host's disk nor plant executables for the host
+        unmount_channel_dir(own_dir)
+        mount_channel_dir(own_dir, app.uid, app.gid)
         return {"sockets": {str(self.registry.nsm_path(record.enclave_id)): INSIDE_NSM_SOCKET},
                 "directories": {str(parent_dir): f"{INSIDE_VSOCK_DIR}/{PARENT_CID}"},
                 "writable_directories": {str(own_dir): f"{INSIDE_VSOCK_DIR}/{record.cid}"}}
+
+    def _device_emulation(self, record: EnclaveRecord, enclave_dir: Path) -> dict[str, Any]:
+        """``/dev/nsm`` and AF_VSOCK for unmodified programs (docs/unmodified-apps.md), unless turned off."""
+        if not self.req.device_emulation:
+            return {}
+        from enclavekit.runtime.nsm_device import NSMDevice, prepare_device_node  # noqa: PLC0415
+        from enclavekit.runtime.vsock_translate import VsockTranslator  # noqa: PLC0415
+
+        assert self.nsm is not None
+        node, identity = prepare_device_node(enclave_dir / "nsm.dev")
+        return {"devices": {node: "/dev/nsm"},
+                "notification_handlers": (NSMDevice(self.nsm, identity),
+                                          VsockTranslator(self.registry.vsock_root, record.cid))}
 
     def setup(self) -> EnclaveRecord:
         req = self.req
@@ -774,7 +793,7 @@ class Supervisor:
                            workdir=app.workdir, uid=app.uid, gid=app.gid, cpu_ids=alloc.cpu_ids,
                            name=f"enclavekit-{record.enclave_id.rsplit('-enc', 1)[1]}",
                            heartbeat=str(self.registry.heartbeat_path(record.enclave_id)), await_boot=True,
-                           **self._channels(record, app))
+                           **self._channels(record, app), **self._device_emulation(record, enclave_dir))
         try:
             self.sandbox = Sandbox.start(spec, stage_parent=enclave_dir)
         except SandboxBootError as exc:
