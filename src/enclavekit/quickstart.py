@@ -1,4 +1,4 @@
-"""``enclavekit quickstart``: enclavekit's whole purpose in one command (issue 7; docs/quickstart.md).
+"""``enclavekit quickstart``: enclavekit's whole purpose in one command (docs/user-guide.md).
 
 Steps, each timed:
 
