@@ -337,12 +337,15 @@ class Quickstart:
     def audit(self) -> dict[str, Any]:
         """Step 7: validate the trail the KMS wrote, and count its Decrypt events."""
         trail = self.kms_data / "audit"
-        validate = self.cli("audit", "validate", "--trail", str(trail))
+        # pin the trail's public key, exported to a file outside the trail directory (docs/audit.md)
+        pem = self.kms_data / "audit-public-key.pem"
+        pem.write_text(self.cli_ok("audit", "public-key", "--trail", str(trail)))
+        validate = self.cli("audit", "validate", "--trail", str(trail), "--public-key", str(pem))
         if validate.returncode != 0:
             raise QuickstartError(f"the audit trail did not validate (exit {validate.returncode}): "
                                   f"{(validate.stdout + validate.stderr).strip()[-1500:]}")
         events = json.loads(self.cli_ok("audit", "events", "--trail", str(trail), "--event-name", "Decrypt",
-                                        "--json"))
+                                        "--json", "--public-key", str(pem)))
         allowed = [e for e in events if not e.get("errorCode")]
         denied = [e for e in events if e.get("errorCode")]
         return {"Trail": str(trail), "Valid": True, "Report": validate.stdout.strip().splitlines()[-3:],

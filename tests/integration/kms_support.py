@@ -155,8 +155,21 @@ def trail_events(*trail_args: str, env: dict[str, str] | None = None) -> list[di
     return events
 
 
+def pinned_key_args(*trail_args: str, env: dict[str, str] | None = None) -> list[str]:
+    """Export the trail's public key (``audit public-key``) to a file outside the trail's state directory and
+    return ``--public-key FILE``: validation wants an anchored key, not the keys stored beside the private one."""
+    args = list(trail_args)
+    state = Path(args[args.index("--state") + 1] if "--state" in args else args[args.index("--trail") + 1])
+    out = audit_cli("public-key", "--trail", str(state), env=env)
+    assert out.returncode == 0, out.stderr
+    pem = state.parent / f"{state.name}-public-key.pem"
+    pem.write_text(out.stdout)
+    return ["--public-key", str(pem)]
+
+
 def assert_trail_valid(*trail_args: str, env: dict[str, str] | None = None) -> None:
-    out = audit_cli("validate", *trail_args, env=env)
+    pinned = [] if "--public-key" in trail_args else pinned_key_args(*trail_args, env=env)
+    out = audit_cli("validate", *trail_args, *pinned, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -65,20 +65,42 @@ def test_delivery_survives_store_outage(server: S3Server, tmp_path: Path) -> Non
     client = server.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="trail-outage", Prefix="org/").get("Contents", [])]
     assert any("/CloudTrail-Digest/" in k for k in keys)
-    got = _cli("audit", "events", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint, "--json")
+    # the trust anchor: the public key exported once, kept outside the state directory
+    exported = _cli("audit", "public-key", "--trail", str(tmp_path / "state"))
+    assert exported.returncode == 0, exported.stderr
+    (tmp_path / "trail-key.pem").write_text(exported.stdout)
+    pinned = ("--public-key", str(tmp_path / "trail-key.pem"))
+    got = _cli("audit", "events", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint, "--json",
+               *pinned)
     assert got.returncode == 0, got.stderr
     ids = {r["eventID"] for r in json.loads(got.stdout)}
     assert set(sent) <= ids                      # nothing lost during the outage
+    no_key = _cli("audit", "events", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint)
+    assert no_key.returncode != 0 and "--unverified" in no_key.stderr
     valid = _cli("audit", "validate", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint,
-                 "--state", str(tmp_path / "state"), "--verbose")
+                 "--state", str(tmp_path / "state"), "--verbose", *pinned)
     assert valid.returncode == 0, valid.stdout + valid.stderr
+    # keys read from the state directory (beside the private key) are not an anchor: exit 2 with a warning
+    unanchored = _cli("audit", "validate", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint,
+                      "--state", str(tmp_path / "state"))
+    assert unanchored.returncode == 2 and "WARNING: unanchored" in unanchored.stderr
+    # the health the deliverer recorded: the outage was seen and is over
+    health = json.loads((tmp_path / "state" / "state" / "health.json").read_text())
+    assert health["lastError"] is None and health["deliveredLogs"] >= 1
 
     # tampering in the bucket is detected: overwrite a log file with other content
     log_key = next(k for k in keys if "/CloudTrail/" in k)
     client.put_object(Bucket="trail-outage", Key=log_key, Body=b"\x1f\x8b tampered")
     bad = _cli("audit", "validate", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint,
-               "--state", str(tmp_path / "state"))
+               "--state", str(tmp_path / "state"), *pinned)
     assert bad.returncode == 1 and "INVALID" in bad.stderr
+    # `audit events` skips the tampered file with a warning instead of stopping
+    got = _cli("audit", "events", "--trail", "s3://trail-outage/org", "--endpoint-url", server.endpoint, "--json",
+               "--state", str(tmp_path / "state"), *pinned)
+    assert got.returncode == 0 and "validation problem" in got.stderr, got.stderr
+    # a trail directory whose trail.json names the endpoint: no --endpoint-url needed (item 14)
+    by_dir = _cli("audit", "validate", "--trail", str(tmp_path / "state"), *pinned)
+    assert by_dir.returncode == 1 and "INVALID" in by_dir.stderr, by_dir.stdout + by_dir.stderr
 
 
 def test_object_lock_and_no_overwrite(server: S3Server, tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ from kms_support import (
     KMSServer,
     assert_trail_valid,
     attestation_document,
+    audit_cli,
+    pinned_key_args,
     recipient_param,
     trail_events,
 )
@@ -224,3 +226,32 @@ def test_trail_options_are_checked(tmp_path: Path) -> None:
         with pytest.raises(AssertionError, match="did not start"):
             srv.start(timeout=30)
         assert message in srv.stderr(), srv.stderr()
+
+
+def test_two_named_trails_share_one_prefix(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """``kms serve --trail-name``: two servers deliver to one bucket prefix; each trail validates on its own chain
+    (the head log of one says nothing about the other)."""
+    s3: S3Server = request.getfixturevalue("s3")
+    s3.client().create_bucket(Bucket="kms-shared")
+    trails: dict[str, list[str]] = {}
+    for name in ("kms-east", "kms-west"):
+        data = tmp_path / name
+        srv = KMSServer(data, home=tmp_path / "home", env=S3_ENV,
+                        extra=["--trail", "s3://kms-shared/org", "--audit-endpoint-url", s3.endpoint,
+                               "--trail-name", name])
+        creds = srv.credentials("carol")
+        with srv:
+            srv.client(creds).list_keys()
+        assert srv.proc is not None and srv.proc.returncode == 0
+        trails[name] = ["--trail", "s3://kms-shared/org", "--endpoint-url", s3.endpoint, "--state",
+                        str(data / "audit")]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="kms-shared", Prefix="org/").get("Contents", [])]
+    assert any("_CloudTrail-Digest_us-east-1_kms-east_" in k for k in keys)
+    assert any("_CloudTrail-Digest_us-east-1_kms-west_" in k for k in keys)
+    for _name, args in trails.items():
+        assert_trail_valid(*args, env=S3_ENV)          # trail.json's trailName selects the chain
+    # validating every chain with one trail's key and head log: the other chain is not ours to verify
+    east = trails["kms-east"]
+    out = audit_cli("validate", *east, *pinned_key_args(*east, env=S3_ENV), "--trail-name", "kms-west",
+                    env=S3_ENV)
+    assert out.returncode == 1 and "public key not found" in out.stderr, out.stdout + out.stderr

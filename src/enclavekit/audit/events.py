@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -34,6 +35,9 @@ __all__ = [
     "normalise_pcr",
     "kms_event",
     "runtime_event",
+    "TRAIL_EVENT_SOURCE",
+    "trail_service_event",
+    "cap_record",
     "check_record",
 ]
 
@@ -42,6 +46,11 @@ RUNTIME_EVENT_SOURCE = "enclaves.enclavekit.local"
 RUNTIME_EVENT_NAMES = ("RunEnclave", "TerminateEnclave", "EnclaveBootFailure", "EnclaveOutOfMemory")
 _SERVICE_EVENTS = frozenset({"EnclaveBootFailure", "EnclaveOutOfMemory"})
 _CAP_1KB = 1024                    # §1.1: userAgent, errorCode, errorMessage, requestID are cut to 1 KB
+_CAP_100KB = 100 * 1024            # §1.1: requestParameters, responseElements, serviceEventDetails
+_CAP_28KB = 28 * 1024              # §1.1: additionalEventData
+_CAPS = (("requestParameters", _CAP_100KB), ("responseElements", _CAP_100KB), ("serviceEventDetails", _CAP_100KB),
+         ("additionalEventData", _CAP_28KB))
+TRAIL_EVENT_SOURCE = "trail.enclavekit.local"     # records the trail writes about itself (ClockWentBackwards)
 _TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 _VERSION_RE = re.compile(r"(\d{1,3})\.(\d{1,3})\Z")
 # §1.2: fields every record carries (Insights events aside, which we neither write nor read)
@@ -145,7 +154,7 @@ def kms_event(facts: RequestFacts, audit: AuditInfo | None, *, event_id: str, er
         "recipientAccountId": facts.account_id,
         "eventCategory": "Management",
     })
-    return record
+    return cap_record(record)
 
 
 def runtime_event(name: str, *, event_time: datetime, event_id: str, region: str, account_id: str,
@@ -193,7 +202,55 @@ def runtime_event(name: str, *, event_time: datetime, event_id: str, region: str
     if service_event:
         record["serviceEventDetails"] = dict(details or {})
     record["eventCategory"] = "Management"
-    return record
+    return cap_record(record)
+
+
+def trail_service_event(name: str, *, event_time: datetime, event_id: str, region: str, account_id: str,
+                        trail_name: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``AwsServiceEvent`` the trail writes about itself (e.g. ``ClockWentBackwards``)."""
+    arn = f"arn:aws:cloudtrail:{region}:{account_id}:trail/{trail_name}"
+    return {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": {"type": "AWSService", "invokedBy": TRAIL_EVENT_SOURCE},
+        "eventTime": format_time(event_time),
+        "eventSource": TRAIL_EVENT_SOURCE,
+        "eventName": name,
+        "awsRegion": region,
+        "sourceIPAddress": TRAIL_EVENT_SOURCE,
+        "requestParameters": None,
+        "responseElements": None,
+        "eventID": event_id,
+        "readOnly": False,
+        "resources": [{"accountId": account_id, "type": "AWS::CloudTrail::Trail", "ARN": arn}],
+        "eventType": "AwsServiceEvent",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "serviceEventDetails": dict(details),
+        "eventCategory": "Management",
+    }
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+
+def cap_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """§1.1 size caps, applied like CloudTrail: an over-size field is not an error, its value is replaced.
+
+    ``requestParameters``/``responseElements``/``serviceEventDetails`` over 100 KB and ``additionalEventData`` over
+    28 KB become the marker ``{"omitted": true, "originalSizeBytes": N}`` (the field stays, an object, so readers
+    see that something was dropped); the 1 KB fields are cut.  Returns a new dict; small records are unchanged.
+    """
+    out = dict(record)
+    for name, limit in _CAPS:
+        if out.get(name) is not None:
+            size = _json_size(out[name])
+            if size > limit:
+                out[name] = {"omitted": True, "originalSizeBytes": size}
+    for name in ("userAgent", "errorCode", "errorMessage", "requestID"):
+        if isinstance(out.get(name), str) and len(out[name]) > _CAP_1KB:
+            out[name] = out[name][:_CAP_1KB]
+    return out
 
 
 def check_record(record: Any) -> None:

@@ -92,7 +92,19 @@ class Spool:
         self._writer.start()
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # a new file's directory entry is durable only once the directory is fsync'd: without it, records
+        # acknowledged after their own fsync could vanish with the whole file on a power loss
+        try:
+            _fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     # ------------------------------------------------------------------------------------------ appending
 

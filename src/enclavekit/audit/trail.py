@@ -2,10 +2,12 @@
 
 Layout of a trail's state directory (``kms serve --trail DIR``; for a local trail the log tree lives there too)::
 
-    trail.json            account, region, trail name, bucket, prefix, destination (fixed at creation)
+    trail.json            account, region, trail name, bucket, prefix, destination (fixed at creation);
+                          digestInterval, endpointUrl (settings, may change between runs)
     spool/                spool.jsonl + spool.lock (spool.py): acknowledged, not yet delivered records
-    state/delivery.json   the delivery state (cursor, undigested log files, chain head, write intents)
+    state/delivery.json   the delivery state (cursor, undigested log files, chain head, write intents, clock mark)
     state/deliver.lock    flock: the one process that delivers (others only append to the spool)
+    state/health.json     the deliverer's health (last error, conflicts), for `audit validate|events`
     state/heads.jsonl     every digest written (key, sha256, signature, end, sealed): the head anchor (§5.3.1)
     keys/private.pem      RSA-2048 signing key (0600, in a 0700 directory)
     keys/public-keys.json every public key the trail ever signed with (§3.6 ListPublicKeys, kept forever)
@@ -17,8 +19,9 @@ every ``digest_interval`` seconds (§3.7 step 2, also when no log file was deliv
 deliver everything and write a final sealing digest.  Each object write is preceded by an intent in
 ``delivery.json`` and every object is a function of the spool and the state, so a crash at any point is
 repaired on restart by writing the very same bytes again (the destination accepts identical bytes, refuses
-different ones: history is never overwritten).  Store failures are retried with exponential backoff; events
-keep arriving in the spool meanwhile.
+different ones: history is never overwritten).  Any failure is retried with exponential backoff (the delivery
+thread never dies of one; :meth:`Trail.health` reports it); events keep arriving in the spool meanwhile.  A key
+already holding other bytes is permanent: the object is delivered under a new name instead.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import secrets
 import string
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,7 +56,7 @@ from enclavekit.audit.digest import (
     public_key_der,
     sign_digest,
 )
-from enclavekit.audit.events import check_record, format_time, parse_time
+from enclavekit.audit.events import cap_record, check_record, format_time, parse_time, trail_service_event
 from enclavekit.audit.logfile import LogFile, LogFileKey
 from enclavekit.audit.spool import Spool, SpoolCursor
 from enclavekit.errors import (
@@ -72,6 +76,9 @@ __all__ = [
     "read_heads",
     "read_trail_config",
     "read_public_keys",
+    "read_health",
+    "read_pending",
+    "iter_records",
     "utc_now",
     "random_unique",
 ]
@@ -80,6 +87,7 @@ log = logging.getLogger(__name__)
 
 _ALNUM = string.ascii_letters + string.digits
 _STATE_VERSION = 1
+_CONFLICT_ATTEMPTS = 3       # a key taken by other bytes: deliver under a new name at most this many times a round
 
 
 def utc_now() -> datetime:
@@ -138,9 +146,7 @@ class LocalDestination:
         tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -211,16 +217,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` may write less than asked (signals, quotas): loop until every byte is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, data)
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append one line durably; the first creation of ``path`` also fsyncs its directory (the entry itself)."""
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
 
 
 # ============================================================================================== config
@@ -323,11 +349,12 @@ class _State:
     last_digest: dict[str, Any] | None = None
     pending_log: dict[str, Any] | None = None
     pending_digest: dict[str, Any] | None = None
+    clock_mark: str | None = None     # the latest clock reading used (digest windows may run a second ahead)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "cursor": self.cursor.to_json(), "windowStart": self.window_start,
                 "undigested": self.undigested, "lastDigest": self.last_digest, "pendingLog": self.pending_log,
-                "pendingDigest": self.pending_digest}
+                "pendingDigest": self.pending_digest, "clockMark": self.clock_mark}
 
     @classmethod
     def from_json(cls, obj: Any) -> _State:
@@ -336,7 +363,8 @@ class _State:
         try:
             return cls(cursor=SpoolCursor.from_json(obj["cursor"]), window_start=obj["windowStart"],
                        undigested=list(obj["undigested"]), last_digest=obj["lastDigest"],
-                       pending_log=obj["pendingLog"], pending_digest=obj["pendingDigest"])
+                       pending_log=obj["pendingLog"], pending_digest=obj["pendingDigest"],
+                       clock_mark=obj.get("clockMark") if isinstance(obj.get("clockMark"), str) else None)
         except (KeyError, TypeError) as exc:
             raise AuditSpoolError("the trail's delivery state is damaged") from exc
 
@@ -373,9 +401,15 @@ class Trail:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.last_error: Exception | None = None
+        self.last_error_time: datetime | None = None
+        self.last_success_time: datetime | None = None
+        self.consecutive_failures = 0
+        self.history_conflicts = 0
+        self.last_history_conflict: str | None = None
         self.delivered_logs = 0
         self.digests_written = 0
         self.clock_skews = 0
+        self._clock_behind = False
         self._thread: threading.Thread | None = None
         if deliver:
             self._thread = threading.Thread(target=self._run, name="audit-trail-delivery", daemon=True)
@@ -388,6 +422,10 @@ class Trail:
         wanted = {"version": 1, "accountId": c.account_id, "region": c.region, "trailName": c.trail_name,
                   "homeRegion": c.home, "prefix": c.prefix.strip("/"), "bucket": self.destination.bucket,
                   "destination": destination_url}
+        # settings, not identity: they may change between runs (validation reads them: --max-age default,
+        # digest window lengths, the S3 endpoint of `audit validate|events --trail DIR`)
+        settings = {"digestInterval": c.digest_interval,
+                    "endpointUrl": getattr(self.destination, "endpoint_url", None)}
         path = self.state_dir / "trail.json"
         if path.exists():
             existing = read_trail_config(self.state_dir)
@@ -395,8 +433,9 @@ class Trail:
             if changed:
                 raise AuditError(f"the trail in {self.state_dir} was created with other settings "
                                  f"({', '.join(changed)}); a trail's identity cannot change, use a new directory")
-            return
-        _atomic_write(path, json.dumps(wanted, indent=2).encode() + b"\n", 0o644)
+            if all(existing.get(k) == v for k, v in settings.items()):
+                return
+        _atomic_write(path, json.dumps({**wanted, **settings}, indent=2).encode() + b"\n", 0o644)
 
     def _signing_key(self) -> rsa.RSAPrivateKey:
         """The trail's RSA-2048 key, created on first use (keys/private.pem, 0600)."""
@@ -434,11 +473,16 @@ class Trail:
             items = json.loads(path.read_bytes()) if path.exists() else []
         except ValueError as exc:
             raise AuditKeyError(f"{path} is not JSON") from exc
+        except OSError as exc:
+            raise AuditKeyError(f"cannot read {path}: {exc.strerror}") from exc
         if any(item.get("Fingerprint") == fp for item in items):
             return
         items.append({"Fingerprint": fp, "Value": base64.b64encode(public_key_der(public)).decode(),
                       "ValidityStartTime": format_time(self._clock()), "ValidityEndTime": None})
-        _atomic_write(path, json.dumps(items, indent=2).encode() + b"\n", 0o644)
+        try:
+            _atomic_write(path, json.dumps(items, indent=2).encode() + b"\n", 0o644)
+        except OSError as exc:
+            raise AuditKeyError(f"cannot write {path}: {exc.strerror}") from exc
 
     def public_key_pem(self) -> bytes:
         """The signing key's public half (SubjectPublicKeyInfo PEM), for `audit validate --public-key`."""
@@ -449,8 +493,9 @@ class Trail:
 
     def append(self, event: Mapping[str, Any]) -> None:
         """Durably spool one record (returns after fsync; group commit across threads and processes)."""
-        check_record(dict(event))
-        self.spool.append(event)
+        record = cap_record(event)     # §1.1 size caps: a huge field is replaced by a marker, never an error
+        check_record(record)
+        self.spool.append(record)
         self._wake.set()
 
     # ------------------------------------------------------------------------------------------ state
@@ -466,12 +511,17 @@ class Trail:
             self._save()
         except ValueError as exc:
             raise AuditSpoolError(f"{path} is not JSON") from exc
+        except OSError as exc:
+            raise AuditSpoolError(f"cannot read the delivery state {path}: {exc.strerror}") from exc
         return self._state
 
     def _save(self) -> None:
         assert self._state is not None
-        _atomic_write(self.state_dir / "state" / "delivery.json",
-                      json.dumps(self._state.to_json(), separators=(",", ":")).encode())
+        path = self.state_dir / "state" / "delivery.json"
+        try:
+            _atomic_write(path, json.dumps(self._state.to_json(), separators=(",", ":")).encode())
+        except OSError as exc:
+            raise AuditSpoolError(f"cannot write the delivery state {path}: {exc.strerror}") from exc
 
     def _try_hold(self, block_for: float = 0.0) -> bool:
         if self._holder:
@@ -505,8 +555,8 @@ class Trail:
             logfile = LogFile.from_records(records)
             if logfile.sha256 != p["sha256"]:
                 raise AuditSpoolError("the spool's records differ from those of an interrupted log file")
-            self.destination.put_new(p["key"], logfile.to_bytes(), retain_until=self._retain_until())
-            self._commit_log(p["key"], logfile, end)
+            key = self._put_log(p["key"], logfile)
+            self._commit_log(key, logfile, end)
         if state.pending_digest is not None:
             p = state.pending_digest
             digest = DigestFile.from_json_bytes(p["content"].encode())
@@ -519,14 +569,46 @@ class Trail:
         if not records:
             return False
         logfile = LogFile.from_records(records)
+        delivered_at = self._clock()
+        self._mark_clock(state, delivered_at)
         key = LogFileKey(account_id=self.config.account_id, region=self.config.region,
-                         delivered_at=self._clock(), unique=self._unique(), prefix=self.config.prefix).to_key()
+                         delivered_at=delivered_at, unique=self._unique(), prefix=self.config.prefix).to_key()
         state.pending_log = {"key": key, "from": self.spool.resolve(state.cursor).to_json(),
                              "to": after.to_json(), "sha256": logfile.sha256}
         self._save()
-        self.destination.put_new(key, logfile.to_bytes(), retain_until=self._retain_until())
+        key = self._put_log(key, logfile)
         self._commit_log(key, logfile, after)
         return True
+
+    def _put_log(self, key: str, logfile: LogFile) -> str:
+        """Write a log file (its intent is saved); returns the key it was written under.
+
+        A key that already holds other bytes (AuditHistoryError: planted, or a clash of the random part) is
+        permanent, retrying cannot help: report it and deliver under a fresh random name with the same stamp.
+        """
+        for attempt in range(_CONFLICT_ATTEMPTS):
+            try:
+                self.destination.put_new(key, logfile.to_bytes(), retain_until=self._retain_until())
+                return key
+            except AuditHistoryError as exc:
+                self._history_conflict(exc)
+                if attempt + 1 == _CONFLICT_ATTEMPTS:
+                    raise
+                old = LogFileKey.from_key(key)
+                key = LogFileKey(account_id=old.account_id, region=old.region, delivered_at=old.delivered_at,
+                                 unique=self._unique(), prefix=old.prefix).to_key()
+                state = self._load_state()
+                assert state.pending_log is not None
+                state.pending_log = {**state.pending_log, "key": key}
+                self._save()
+        raise AssertionError("unreachable")
+
+    def _history_conflict(self, exc: AuditHistoryError) -> None:
+        self.history_conflicts += 1
+        self.last_history_conflict = f"{format_time(self._clock())} {exc}"
+        log.error("audit trail delivery: %s; this is permanent (someone wrote that object): delivering under a "
+                  "new name, and validation will report the foreign object", exc)
+        self._write_health()
 
     def _commit_log(self, key: str, logfile: LogFile, after: SpoolCursor) -> None:
         state = self._load_state()
@@ -539,15 +621,45 @@ class Trail:
         self._save()
         self.delivered_logs += 1
 
-    def _digest(self, *, sealed: bool) -> None:
+    def _check_clock(self) -> None:
+        """A clock behind the last digest's end went backwards: warn, and record it in the trail itself (once per
+        episode) as a service event, so that the validator's window check has an explanation to point at."""
+        state = self._load_state()
+        now = self._clock().astimezone(UTC).replace(microsecond=0)
+        # compare with the latest clock reading used, not with the window end: a window is at least one second
+        # long, so after quick digests its end runs a little ahead of the clock (state without a mark: 60 s slack)
+        mark = parse_time(state.clock_mark) if state.clock_mark else parse_time(state.window_start) - \
+            timedelta(seconds=60)
+        if now >= mark:
+            self._clock_behind = False
+            return
+        if self._clock_behind:
+            return
+        self._clock_behind = True
+        self.clock_skews += 1
+        behind = int((mark - now).total_seconds())
+        log.warning("audit trail: the clock went backwards: it is %d s behind its last reading (%s); digest "
+                    "times stay monotonic, a ClockWentBackwards record is written", behind, format_time(mark))
+        self.spool.append(trail_service_event(
+            "ClockWentBackwards", event_time=now, event_id=str(uuid.uuid4()), region=self.config.region,
+            account_id=self.config.account_id, trail_name=self.config.trail_name,
+            details={"lastClockTime": format_time(mark), "lastDigestEndTime": state.window_start,
+                     "clockTime": format_time(now), "secondsBehind": behind}))
+
+    def _mark_clock(self, state: _State, now: datetime) -> None:
+        """Keep the highest clock reading used (saved with the state by the caller)."""
+        text = format_time(now)
+        if state.clock_mark is None or parse_time(state.clock_mark) < parse_time(text):
+            state.clock_mark = text
+
+    def _digest(self, *, sealed: bool, not_before: datetime | None = None,
+                attempts: int = _CONFLICT_ATTEMPTS) -> None:
         state = self._load_state()
         start = parse_time(state.window_start)
         now = self._clock().astimezone(UTC).replace(microsecond=0)
-        if now < start:
-            # a clock that went backwards: keep the chain monotonic (windows never run backwards) and count it
-            self.clock_skews += 1
-            log.debug("the clock is %s behind the last digest's end; digest times stay monotonic", start - now)
-        end = max(now, start + timedelta(seconds=1))
+        # a clock that went backwards (see _check_clock): windows never run backwards
+        end = max(now, start + timedelta(seconds=1), not_before or start)
+        self._mark_clock(state, now)
         key = DigestKey(account_id=self.config.account_id, region=self.config.region,
                         trail_name=self.config.trail_name, home_region=self.config.home, end_time=end,
                         prefix=self.config.prefix).to_key()
@@ -562,24 +674,32 @@ class Trail:
         signature = sign_digest(private, digest.string_to_sign())
         state.pending_digest = {"content": digest.content.decode(), "signature": signature, "sealed": sealed}
         self._save()
-        self._put_digest(digest, signature, sealed)
+        self._put_digest(digest, signature, sealed, attempts=attempts)
 
-    def _put_digest(self, digest: DigestFile, signature: str, sealed: bool) -> None:
+    def _put_digest(self, digest: DigestFile, signature: str, sealed: bool, *,
+                    attempts: int = _CONFLICT_ATTEMPTS) -> None:
         state = self._load_state()
         key = digest.digest_s3_object
-        self.destination.put_new(key, digest.to_bytes(),
-                                 {"signature": signature, "signature-algorithm": SIGNATURE_ALGORITHM},
-                                 retain_until=self._retain_until())
+        try:
+            self.destination.put_new(key, digest.to_bytes(),
+                                     {"signature": signature, "signature-algorithm": SIGNATURE_ALGORITHM},
+                                     retain_until=self._retain_until())
+        except AuditHistoryError as exc:
+            # permanent: rebuild the same digest (same logs, same link) ending a second later, under a new key
+            self._history_conflict(exc)
+            if attempts <= 1:
+                raise
+            self._digest(sealed=sealed, not_before=parse_time(digest.digest_end_time) + timedelta(seconds=1),
+                         attempts=attempts - 1)
+            return
         head = HeadRecord(key=key, sha256=digest.sha256, signature=signature, end=digest.digest_end_time,
                           sealed=sealed)
         heads_path = self.state_dir / "state" / "heads.jsonl"
-        if not any(h.key == key for h in read_heads(heads_path)[-2:]):
-            fd = os.open(heads_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, json.dumps(head.__dict__, separators=(",", ":")).encode() + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            if not any(h.key == key for h in read_heads(heads_path)[-2:]):
+                _append_line(heads_path, json.dumps(head.__dict__, separators=(",", ":")).encode() + b"\n")
+        except OSError as exc:
+            raise AuditSpoolError(f"cannot append to the head log {heads_path}: {exc.strerror}") from exc
         state.last_digest = {"bucket": digest.digest_s3_bucket, "key": key, "sha256": digest.sha256,
                              "signature": signature, "end": digest.digest_end_time, "sealed": sealed}
         state.window_start = digest.digest_end_time
@@ -594,6 +714,7 @@ class Trail:
             if not self._try_hold():
                 return
             self._recover()
+            self._check_clock()
             state = self._load_state()
             pending = self.spool.pending_bytes(state.cursor)
             if pending:
@@ -625,6 +746,7 @@ class Trail:
             if not self._try_hold(block_for=5.0):
                 return False
             self._recover()
+            self._check_clock()
             while self._roll():
                 pass
             state = self._load_state()
@@ -633,20 +755,62 @@ class Trail:
                 self._digest(sealed=True)
             return True
 
+    def health(self) -> dict[str, Any]:
+        """Delivery health (also kept in ``state/health.json`` for ``audit validate|events``)."""
+        return {
+            "delivering": self._holder,
+            "healthy": self.last_error is None,
+            "lastError": f"{type(self.last_error).__name__}: {self.last_error}" if self.last_error else None,
+            "lastErrorTime": format_time(self.last_error_time) if self.last_error_time else None,
+            "consecutiveFailures": self.consecutive_failures,
+            "lastDeliveryTime": format_time(self.last_success_time) if self.last_success_time else None,
+            "historyConflicts": self.history_conflicts,
+            "lastHistoryConflict": self.last_history_conflict,
+            "clockSkews": self.clock_skews,
+            "deliveredLogs": self.delivered_logs,
+            "digestsWritten": self.digests_written,
+        }
+
+    def _write_health(self) -> None:
+        """Best effort: the health file must never be what stops delivery."""
+        path = self.state_dir / "state" / "health.json"
+        try:
+            _atomic_write(path, json.dumps(self.health(), indent=2).encode() + b"\n", 0o644)
+        except OSError as exc:
+            log.warning("audit trail: cannot write %s: %s", path, exc.strerror)
+
     def _run(self) -> None:
         delay = self.config.poll_interval
-        while not self._stop.is_set():
-            try:
-                self.step()
-                self.last_error = None
-                delay = self.config.poll_interval
-            except (AuditDeliveryError, AuditHistoryError, AuditSpoolError, AuditKeyError) as exc:
-                if self.last_error is None or str(exc) != str(self.last_error):
-                    log.error("audit trail delivery: %s (retrying, events stay in the spool)", exc)
-                self.last_error = exc
-                delay = min(max(delay * 2, self.config.retry_initial), self.config.retry_max)
-            self._wake.wait(delay)
-            self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                    if self.last_error is not None:
+                        log.warning("audit trail delivery works again after %d failed attempts",
+                                    self.consecutive_failures)
+                        self.last_error, self.consecutive_failures = None, 0
+                        self._write_health()
+                    if self._holder:
+                        self.last_success_time = self._clock()
+                    delay = self.config.poll_interval
+                except Exception as exc:  # any failure, ours or not: delivery must never stop for good
+                    self.consecutive_failures += 1
+                    changed = self.last_error is None or str(exc) != str(self.last_error)
+                    self.last_error, self.last_error_time = exc, self._clock()
+                    if changed:
+                        log.error("audit trail delivery failed: %s: %s (retrying with backoff; events stay in the "
+                                  "spool)", type(exc).__name__, exc, exc_info=not isinstance(exc, AuditError))
+                        self._write_health()
+                    delay = min(max(delay * 2, self.config.retry_initial), self.config.retry_max)
+                self._wake.wait(delay)
+                self._wake.clear()
+        finally:
+            if not self._stop.is_set():   # not a clean stop: let another process take over delivery
+                log.critical("audit trail delivery thread stopped unexpectedly; releasing deliver.lock")
+                with self._lock:
+                    if self._holder:
+                        fcntl.flock(self._deliver_fd, fcntl.LOCK_UN)
+                        self._holder = False
 
     def wait_delivered(self, timeout: float) -> bool:
         """Wait until the spool is empty (everything is in log files); for tests and shutdown."""
@@ -687,14 +851,54 @@ class Trail:
         self.close()
 
 
-def iter_records(destination: Destination, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every record of every log file under ``prefix`` (for ``audit events``), as (log key, record)."""
-    lead = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    for key in destination.list(f"{lead}AWSLogs/"):
-        if "/CloudTrail/" not in key:
+def iter_records(destination: Destination, prefix: str = "", *, keys: Iterable[str] | None = None,
+                 on_error: Callable[[str, Exception], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The records of the log files ``keys`` (default: every log file under ``prefix``), as (log key, record).
+
+    With ``on_error``, a file that cannot be read or parsed is reported to it and skipped; without, it raises.
+    """
+    if keys is None:
+        lead = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        keys = [k for k in destination.list(f"{lead}AWSLogs/") if "/CloudTrail/" in k]
+    for key in keys:
+        try:
+            got = destination.get(key)
+            if got is None:
+                continue
+            records = LogFile.from_bytes(got[0], strict_records=False).records
+        except (AuditError, ValueError) as exc:
+            if on_error is None:
+                raise
+            on_error(key, exc)
             continue
-        got = destination.get(key)
-        if got is None:
-            continue
-        for record in LogFile.from_bytes(got[0], strict_records=False).records:
+        for record in records:
             yield key, record
+
+
+def read_health(state_dir: Path) -> dict[str, Any] | None:
+    """The delivery health a trail's deliverer last wrote (``state/health.json``), or None."""
+    try:
+        obj = json.loads((Path(state_dir) / "state" / "health.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_pending(state_dir: Path) -> dict[str, str]:
+    """Log files delivered but not yet listed by a digest, from the delivery state: {key: SHA-256}."""
+    try:
+        obj = json.loads((Path(state_dir) / "state" / "delivery.json").read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise AuditSpoolError(f"cannot read the delivery state of {state_dir}") from exc
+    pending: dict[str, str] = {}
+    if not isinstance(obj, dict):
+        return pending
+    for entry in obj.get("undigested") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("s3Object"), str):
+            pending[entry["s3Object"]] = str(entry.get("hashValue", ""))
+    p = obj.get("pendingLog")
+    if isinstance(p, dict) and isinstance(p.get("key"), str):
+        pending[p["key"]] = str(p.get("sha256", ""))
+    return pending

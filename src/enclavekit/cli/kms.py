@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "in <data-dir>/audit) (default: <data-dir>/audit)")
     s.add_argument("--digest-interval", type=_seconds, default=3600.0, metavar="SECONDS",
                    help="write a signed digest file this often (default 3600, CloudTrail's hour)")
+    s.add_argument("--trail-name", default="enclavekit", metavar="NAME",
+                   help="the trail's name in its digest file names (default enclavekit); give each KMS sharing "
+                   "one bucket prefix its own name (3-128 letters, digits, '.', '_', '-')")
     s.add_argument("--audit-endpoint-url", default=None, metavar="URL",
                    help="S3-compatible endpoint for --trail s3://... (credentials from the usual AWS variables)")
     # benchmarks only: drops every audit record; deliberately left out of --help
@@ -117,7 +120,8 @@ def run_serve(args: argparse.Namespace) -> int:
                      extra_roots=tuple(args.root), max_attestation_age=args.max_attestation_age,
                      single_use_nonces=args.single_use_nonces, trail=args.trail,
                      require_signed_target=args.require_signed_target,
-                     digest_interval=args.digest_interval, audit_endpoint_url=args.audit_endpoint_url,
+                     digest_interval=args.digest_interval, trail_name=args.trail_name,
+                     audit_endpoint_url=args.audit_endpoint_url,
                      unsafe_no_audit=args.unsafe_no_audit)
 
     def announce(info: dict[str, str]) -> None:

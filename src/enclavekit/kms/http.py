@@ -192,15 +192,24 @@ class KMSApp:
             error = KMSError("KMSInternalException", f"An internal error occurred. Request ID: {request_id}",
                              status=500)
             audit_info = AuditInfo()
-        # §4.8: every request, allowed or denied, leaves a record; the response waits until it is durable
+        # §4.8: every request, allowed or denied, leaves a record; the response waits until it is durable.
+        # cloudtrail §1.2: eventTime is the request's completion time (the clock is read again, after the service
+        # answered).  kms_event applies the §1.1 size caps, so a huge request never makes the record fail.
+        # Residual window (docs/audit.md): the service commits a mutating operation (CreateKey, PutKeyPolicy,
+        # ScheduleKeyDeletion ...) before this append; if the append then fails, the client gets a 500 and retries,
+        # but the committed change has no record.  The spool append only fails when the state disk fails (full,
+        # read-only, I/O error); no intent record is written before executing (a deliberate choice: it would
+        # double the fsyncs of every mutating call and CloudTrail has no such record to mirror).
+        facts = replace(facts, event_time=self.clock())
         event = kms_event(facts, audit_info, event_id=self.event_ids(),
                           error_code=error.aws_code if error else None,
                           error_message=error.aws_message if error else None)
         try:
             self.audit.append(event)
         except Exception as exc:
-            log.error("request %s: the audit event could not be written (%s); answering 500", request_id,
-                      type(exc).__name__)
+            log.error("request %s: the audit event could not be written (%s); answering 500%s", request_id,
+                      type(exc).__name__, "; a mutating operation committed WITHOUT an audit record"
+                      if error is None and not audit_info.read_only else "")
             error = KMSError("KMSInternalException", f"An internal error occurred. Request ID: {request_id}",
                              status=500)
         base = [("Content-Type", CONTENT_TYPE), ("x-amzn-RequestId", request_id)]

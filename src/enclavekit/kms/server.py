@@ -85,6 +85,7 @@ class ServerConfig:
     drain_seconds: float = _DRAIN_SECONDS
     trail: str | None = None                 # a directory or s3://bucket/prefix; None: <data-dir>/audit
     digest_interval: float = 3600.0          # CloudTrail's hour
+    trail_name: str = "enclavekit"           # digest names carry it: several trails may share one prefix
     audit_endpoint_url: str | None = None    # S3-compatible store for an s3:// trail
     unsafe_no_audit: bool = False            # benchmarks only: records are dropped, nothing is audited
 
@@ -141,7 +142,7 @@ def open_trail(config: ServerConfig, *, deliver: bool = True) -> Trail:
         url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
     try:
         trail_config = TrailConfig(account_id=config.account_id, region=config.region, prefix=prefix,
-                                   digest_interval=config.digest_interval)
+                                   digest_interval=config.digest_interval, trail_name=config.trail_name)
     except ValueError as exc:
         raise ConfigError(f"cannot configure the audit trail: {exc}") from exc
     return Trail(trail_state_dir(config), config=trail_config, destination=destination, destination_url=url,

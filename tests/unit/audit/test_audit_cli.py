@@ -11,31 +11,75 @@ from audit_helpers import build_trail, files
 from enclavekit.cli.main import main
 
 
+def _export_key(trail: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
+    """`audit public-key` once, kept outside the trail: the PEM path and the SHA-256 fingerprint."""
+    assert main(["audit", "public-key", "--trail", str(trail)]) == 0
+    captured = capsys.readouterr()
+    out.write_text(captured.out)
+    return out, captured.err.split("sha256 ")[1].split()[0]
+
+
 def test_cli_validate_events_public_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trail = build_trail(tmp_path / "t", rounds=2)
-    assert main(["audit", "validate", "--trail", str(trail), "--verbose"]) == 0
+    pem, sha = _export_key(trail, tmp_path / "key.pem", capsys)
+    assert len(sha) == 64
+    assert main(["audit", "validate", "--trail", str(trail), "--verbose", "--public-key", str(pem)]) == 0
     out = capsys.readouterr().out
     assert "3/3 digest files valid" in out and "Log file\ts3://local/" in out
+    assert main(["audit", "validate", "--trail", str(trail), "--public-key-fingerprint", sha]) == 0
+    capsys.readouterr()
 
-    assert main(["audit", "events", "--trail", str(trail), "--json", "--event-name", "TerminateEnclave"]) == 0
+    assert main(["audit", "events", "--trail", str(trail), "--json", "--event-name", "TerminateEnclave",
+                 "--public-key", str(pem)]) == 0
     events = json.loads(capsys.readouterr().out)
     assert [e["eventName"] for e in events] == ["TerminateEnclave"]
     assert main(["audit", "events", "--trail", str(trail)]) == 0
     assert "RunEnclave" in capsys.readouterr().out
 
-    assert main(["audit", "public-key", "--trail", str(trail)]) == 0
-    pem = capsys.readouterr().out
-    (tmp_path / "key.pem").write_text(pem)
-    assert main(["audit", "validate", "--trail", str(trail), "--public-key", str(tmp_path / "key.pem")]) == 0
-    capsys.readouterr()
-
     files(trail, "CloudTrail")[0].write_bytes(b"\x1f\x8b\x08\x00")
-    assert main(["audit", "validate", "--trail", str(trail)]) == 1
+    assert main(["audit", "validate", "--trail", str(trail), "--public-key", str(pem)]) == 1
     assert "INVALID" in capsys.readouterr().err
 
 
+def test_cli_validate_unanchored_keys_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Keys read from the trail itself (next to its private key) anchor nothing: WARNING and exit 2."""
+    trail = build_trail(tmp_path / "t", rounds=1)
+    assert main(["audit", "validate", "--trail", str(trail)]) == 2
+    captured = capsys.readouterr()
+    assert "WARNING: unanchored: keys read from the trail itself" in captured.err
+    assert "1/1 digest files valid" not in captured.out and "2/2 digest files valid" in captured.out
+    assert main(["audit", "validate", "--trail", str(trail), "--trust-trail-keys"]) == 0
+    assert "WARNING: unanchored" not in capsys.readouterr().err
+    # a pinned fingerprint that is not the trail's: refused
+    assert main(["audit", "validate", "--trail", str(trail), "--public-key-fingerprint", "ab" * 32]) != 0
+    assert "matches --public-key-fingerprint" in capsys.readouterr().err
+    # tampering still says 1, not 2
+    files(trail, "CloudTrail")[0].write_bytes(b"\x1f\x8b\x08\x00")
+    assert main(["audit", "validate", "--trail", str(trail)]) == 1
+    capsys.readouterr()
+
+
+def test_cli_validate_output_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trail = build_trail(tmp_path / "t", rounds=1)
+    assert main(["audit", "validate", "--trail", str(trail), "--trust-trail-keys",
+                 "--start-time", "2020-01-01T00:00:00Z"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Validating log files for trail ") and "between 2020-01-01T00:00:00Z and " in out[0]
+    assert any(line.startswith("Results requested for 2020-01-01T00:00:00Z to ") for line in out)
+    assert any(line.startswith("Results found for ") for line in out)
+    assert "0 log file(s) pending (delivered, not yet listed by a digest)" in out
+
+
 def test_cli_validate_no_digests_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from enclavekit.audit.trail import Trail
-    Trail(tmp_path, deliver=False).close(seal=False)
-    (tmp_path / "keys").mkdir(exist_ok=True)
-    assert main(["audit", "validate", "--trail", str(tmp_path)]) != 0
+    Trail(tmp_path / "t", deliver=False).close(seal=False)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert main(["audit", "validate", "--trail", str(tmp_path / "t"), "--public-key", str(pem)]) == 2
+    captured = capsys.readouterr()
+    assert "No digests found" in captured.out and "GAP: No digests found" in captured.err

@@ -22,7 +22,14 @@ from enclavekit.audit.digest import (
     string_to_sign,
     verify_digest_signature,
 )
-from enclavekit.audit.events import check_record, kms_event, normalise_pcr, parse_event_version, runtime_event
+from enclavekit.audit.events import (
+    cap_record,
+    check_record,
+    kms_event,
+    normalise_pcr,
+    parse_event_version,
+    runtime_event,
+)
 from enclavekit.audit.logfile import LogFile, LogFileKey, compress, decompress
 from enclavekit.errors import AuditFormatError, AuditValidationError
 from enclavekit.kms.auditlog import RequestFacts
@@ -179,10 +186,22 @@ def test_digest_round_trip_sign_verify() -> None:
     assert linked.string_to_sign().endswith(signature.encode())
 
 
+# a fixed 2048-bit modulus (0xc333...3, top bit set) and e = 65537: a public key needs no primes to be encoded
+FIXED_N = int("c" + "3" * 511, 16)
+# MD5 of the DER below, cross-checked with `openssl rsa -RSAPublicKey_in -inform DER ... | openssl md5`
+FIXED_FINGERPRINT = "28ffab35e378f4e019978c458f8b597a"
+
+
 def test_fingerprint_is_md5_of_pkcs1_der() -> None:
-    der = public_key_der(KEY.public_key())
-    assert fingerprint(KEY.public_key()) == hashlib.md5(der).hexdigest()
-    assert fingerprint(load_public_key_der(der)) == fingerprint(KEY.public_key())
+    key = rsa.RSAPublicNumbers(65537, FIXED_N).public_key()
+    der = public_key_der(key)
+    # §3.6: PKCS#1 RSAPublicKey ::= SEQUENCE (len 0x010a) { INTEGER n (0x0101 bytes, leading 00), INTEGER e }
+    assert der[:8] == bytes.fromhex("3082010a02820101")
+    assert der == bytes.fromhex("3082010a0282010100") + FIXED_N.to_bytes(256, "big") + bytes.fromhex("0203010001")
+    assert fingerprint(key) == FIXED_FINGERPRINT
+    assert fingerprint(load_public_key_der(der)) == FIXED_FINGERPRINT
+    # not SubjectPublicKeyInfo (whose DER starts 30 82 01 22 30 0d ...)
+    assert public_key_der(KEY.public_key())[:8] == bytes.fromhex("3082010a02820101")
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -204,3 +223,25 @@ def test_digest_rules(mutate, match) -> None:  # type: ignore[no-untyped-def]
 def test_digest_trailing_gzip_rejected() -> None:
     with pytest.raises(AuditFormatError, match="after end"):
         DigestFile.from_bytes(_digest().to_bytes() + b"\x1f\x8b")
+
+
+# ------------------------------------------------------------------------------------------------ size caps (§1.1)
+
+
+def test_oversize_fields_are_replaced_by_a_marker() -> None:
+    facts = RequestFacts(request_id="r-1", event_time=T0, operation="CreateKey", region=REGION, account_id=ACCOUNT,
+                         source_ip="203.0.113.25", user_agent="u" * 3000)
+    info = AuditInfo(request_parameters={"description": "d" * (101 * 1024)},
+                     response_elements={"keyMetadata": {"k": "v"}}, decision="y" * (29 * 1024))
+    record = kms_event(facts, info, event_id="e-1")
+    check_record(record)
+    assert record["requestParameters"] == {"omitted": True, "originalSizeBytes": 101 * 1024 + 18}
+    assert record["responseElements"] == {"keyMetadata": {"k": "v"}}       # under the cap: untouched
+    assert record["additionalEventData"]["omitted"] is True                  # 28 KB cap
+    assert len(record["userAgent"]) == 1024
+    big = runtime_event("EnclaveBootFailure", event_time=T0, event_id="e", region=REGION, account_id=ACCOUNT,
+                        enclave_id="i-1", details={"console": "c" * (200 * 1024)})
+    assert big["serviceEventDetails"]["omitted"] is True
+    # exactly at the cap stays
+    at_cap = cap_record({**event(), "requestParameters": {"a": "x" * (100 * 1024 - 8)}})
+    assert "omitted" not in at_cap["requestParameters"]
