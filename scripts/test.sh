@@ -8,7 +8,7 @@ source scripts/_env.sh
 # shellcheck source=scripts/system-deps.sh
 source scripts/system-deps.sh
 ensure_system_deps
-ensure_venv
+ensure_venv dev
 echo "== ruff"
 "$VENV/bin/ruff" check src tests benchmarks
 echo "== mypy (strict, src/)"
