@@ -3,12 +3,15 @@
 #   postgresql the KMS store's PostgreSQL backend (tests start their own server in a temp dir)
 #   openssl    CMS interoperability checks
 #   golang-go  an unmodified Go program (standard library only) run inside an enclave
+#   golang-github-mdlayher-vsock-dev  the real github.com/mdlayher/vsock library, built unchanged (GOPATH mode,
+#              GOPATH=/usr/share/gocode) for an enclave client (pulls in golang-github-mdlayher-socket-dev)
 # Missing packages are installed with apt-get when running as root; otherwise the script says what to install.
 ensure_system_deps() {
     local missing=()
     command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v go >/dev/null 2>&1 || missing+=(golang-go)
+    [ -d /usr/share/gocode/src/github.com/mdlayher/vsock ] || missing+=(golang-github-mdlayher-vsock-dev)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -10,10 +10,13 @@ seccomp filter is active, and aborts (status 99) without connecting otherwise.  
 from __future__ import annotations
 
 import base64
+import ctypes
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,10 @@ from enclavekit.attestation.pki import LocalPKI
 from enclavekit.formats import nsm_messages as msg
 from enclavekit.formats.attestation_doc import parse_document
 from enclavekit.nsm.module import EmulatedNSM
-from enclavekit.runtime.nsm_device import NSMDevice, make_device_node
+from enclavekit.runtime import vsock_translate
+from enclavekit.runtime.nsm_device import HOST_NULL, NSM_IOCTL_RAW, NSMDevice, make_device_node, prepare_device_node
+from enclavekit.runtime.seccomp import USER_NOTIF, SyscallRule
+from enclavekit.runtime.usernotif import Notification, NotificationServer
 from enclavekit.runtime.vsock_translate import VsockTranslator
 from enclavekit.testing.nsm import FakeNSM
 from enclavekit.testing.unmodified import notified_process
@@ -42,6 +48,8 @@ pytestmark = pytest.mark.integration
 ENCLAVE_CID = 16
 EMSGSIZE, EFAULT, ENOTTY, ENOSYS = 90, 14, 25, 38
 EAFNOSUPPORT, ESOCKTNOSUPPORT, ECONNRESET, ENOTCONN = 97, 94, 104, 107
+ENOTSOCK, ETIMEDOUT, EINVAL = 88, 110, 22
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 NSM_CLIENT_C = r"""/* Unmodified NSM client: opens /dev/nsm and uses the driver's raw ioctl like libnsm does. */
 #include <errno.h>
@@ -244,6 +252,108 @@ int main(int argc, char **argv) {
 }
 """
 
+RACER_C = r"""/* Programs that race the supervisor: two threads on one fd, a stalled parent, a crashing handler. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+#define SLOT 100
+static int vsock_fd, file_fd, stall_port;
+static volatile int stop;
+static int results[256];
+
+/* TEST GUARD: this machine has real vsock; only an emulated (AF_UNIX) socket may ever be connected. */
+static void guard(int fd) {
+    int domain = -1; socklen_t len = sizeof domain;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX) {
+        printf("GUARD: domain %d\n", domain); fflush(stdout); _exit(99);
+    }
+}
+
+static void *swapper(void *arg) {
+    (void)arg;
+    while (!stop) { dup2(file_fd, SLOT); dup2(vsock_fd, SLOT); }
+    return NULL;
+}
+
+static void *staller(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 3; i++) {
+        int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+        guard(fd);
+        struct sockaddr_vm a = {0}; a.svm_family = AF_VSOCK; a.svm_cid = 3; a.svm_port = stall_port;
+        results[i] = connect(fd, (struct sockaddr *)&a, sizeof a) == 0 ? 0 : errno;
+    }
+    return NULL;
+}
+
+struct nsm_raw { uint64_t req, req_len, resp, resp_len; };
+
+static int describe(void) {
+    static unsigned char resp[0x3000];
+    static const unsigned char req[] = "\x6b" "DescribeNSM";
+    int nsm = open("/dev/nsm", O_RDWR | O_CLOEXEC);
+    if (nsm < 0) return -errno;
+    struct nsm_raw raw = {(uintptr_t)req, 12, (uintptr_t)resp, sizeof resp};
+    int rc = ioctl(nsm, _IOWR(0x0A, 0, struct nsm_raw), &raw);
+    close(nsm);
+    return rc < 0 ? -errno : 0;
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argv[1];
+    if (!strcmp(mode, "swap")) {
+        /* connect() on fd SLOT while a second thread flips SLOT between the emulated socket and a file */
+        int count = atoi(argv[2]);
+        vsock_fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+        guard(vsock_fd);
+        file_fd = memfd_create("not-a-socket", 0);
+        dup2(vsock_fd, SLOT);
+        pthread_t t; pthread_create(&t, NULL, swapper, NULL);
+        struct sockaddr_vm a = {0}; a.svm_family = AF_VSOCK; a.svm_cid = 3; a.svm_port = 5999;
+        for (int i = 0; i < count; i++) {
+            errno = 0;
+            connect(SLOT, (struct sockaddr *)&a, sizeof a);
+            results[errno & 0xff]++;
+        }
+        stop = 1; pthread_join(t, NULL);
+        guard(vsock_fd);
+        printf("done");
+        for (int e = 0; e < 256; e++) if (results[e]) printf(" %d:%d", e, results[e]);
+        printf("\n");
+    } else if (!strcmp(mode, "stall")) {
+        /* a thread connects to a parent that never accepts; meanwhile the main thread uses /dev/nsm */
+        stall_port = atoi(argv[2]);
+        pthread_t t; pthread_create(&t, NULL, staller, NULL);
+        usleep(300000);
+        int ok = 0;
+        for (int i = 0; i < 20; i++) ok += describe() == 0;
+        printf("nsm ok=%d\n", ok); fflush(stdout);
+        pthread_join(t, NULL);
+        printf("connects %d %d %d\n", results[0], results[1], results[2]);
+    } else if (!strcmp(mode, "names")) {
+        /* two notified calls: the first one crashes the handler */
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        for (int i = 0; i < 2; i++) {
+            struct sockaddr_vm a; socklen_t len = sizeof a;
+            printf("getsockname %d\n", getsockname(s, (struct sockaddr *)&a, &len) == 0 ? 0 : errno);
+        }
+    }
+    fflush(stdout);
+    return 0;
+}
+"""
+
 PYTHON_PROG = r"""
 import os, socket, sys
 # TEST GUARD: only an emulated (AF_UNIX) socket under a seccomp filter may be used on this machine.
@@ -282,10 +392,10 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if gcc is None:
         pytest.fail("gcc is needed to build the test programs (apt-get install gcc libc6-dev)")
     work = tmp_path_factory.mktemp("unmodified")
-    for name, source in (("nsm_client", NSM_CLIENT_C), ("vsock_prog", VSOCK_PROG_C)):
+    for name, source in (("nsm_client", NSM_CLIENT_C), ("vsock_prog", VSOCK_PROG_C), ("racer", RACER_C)):
         (work / f"{name}.c").write_text(source)
-        subprocess.run([gcc, "-O2", "-Wall", "-o", str(work / name), str(work / f"{name}.c")], check=True,
-                       capture_output=True)
+        subprocess.run([gcc, "-O2", "-Wall", "-pthread", "-o", str(work / name), str(work / f"{name}.c")],
+                       check=True, capture_output=True)
     (work / "vsock_prog.py").write_text(PYTHON_PROG)
     return work
 
@@ -384,6 +494,33 @@ def test_signals_during_ioctls_never_duplicate_an_extend(programs: Path,
     assert nsm_device[0].executed == count + 1  # every request ran exactly once
 
 
+def test_nodev_run_dir_falls_back_to_the_host_null_for_the_sandbox_only(programs: Path, tmp_path: Path) -> None:
+    # review issue 8.6: a run directory on a nodev filesystem cannot hold a usable node; /dev/null is bound
+    # instead, and its NSM ioctls are answered only for callers under the sandbox's filter
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mount(b"tmpfs", os.fsencode(run_dir), b"tmpfs", ctypes.c_ulong(MS_NODEV | MS_NOSUID),
+                      b"size=64k") == 0, os.strerror(ctypes.get_errno())
+    try:
+        node, identity = prepare_device_node(run_dir / "nsm.dev")
+        assert node == HOST_NULL
+        device = NSMDevice(FakeNSM(), identity)
+        with notified_process([str(programs / "nsm_client"), "describe"], [device],
+                              devices={"/dev/nsm": node}) as run:
+            rc, out, err = run.wait()
+        assert rc == 0, err.decode()
+        assert out.decode().startswith("rc=0 len=")
+        assert device.executed == 1
+        # the same ioctl on the host's /dev/null outside the sandbox is the kernel's: ENOTTY
+        with open(HOST_NULL, "rb") as null, pytest.raises(OSError) as info:
+            fcntl.ioctl(null.fileno(), NSM_IOCTL_RAW, bytearray(32), True)
+        assert info.value.errno == ENOTTY
+        assert device.executed == 1
+    finally:
+        assert libc.umount2(os.fsencode(run_dir), ctypes.c_int(MNT_DETACH)) == 0
+
+
 # ---------------------------------------------------------------------------------------------- AF_VSOCK
 
 
@@ -456,6 +593,24 @@ def test_c_server_accepts_the_parent(programs: Path, vsock_root: Path) -> None:
     assert "conn-local rc=0 family=40 cid=16 port=5005 len=16" in lines
 
 
+def test_accepted_sockets_are_pruned_too(programs: Path, vsock_root: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # review issue 8.8: a server that only accepts must not grow the table of emulated sockets without bound
+    monkeypatch.setattr(vsock_translate, "_PRUNE_EVERY", 4)
+    translator = VsockTranslator(vsock_root, ENCLAVE_CID)
+    with notified_process([str(programs / "vsock_prog"), "server", "5008", "12"], [translator], devices={}) as run:
+        assert run.process.stdout is not None
+        assert run.process.stdout.readline().decode().startswith("listening rc=0")
+        parent = UnixVsockTransport(vsock_root, local_cid=3)
+        for i in range(12):
+            with parent.connect(ENCLAVE_CID, 5008) as conn:
+                conn.sendall(f"{i}".encode())
+                assert conn.recv(100) == f"{i}".encode()[::-1]
+        rc, _, err = run.wait()
+    assert rc == 0, err.decode()
+    assert translator.socket_count() <= 5  # the listener and at most the last few connections
+
+
 def test_refusals_and_errors(programs: Path, vsock_root: Path, echo_parent: EchoParent) -> None:
     translator = VsockTranslator(vsock_root, ENCLAVE_CID)
     with notified_process([str(programs / "vsock_prog"), "refusals"], [translator], devices={}) as run:
@@ -485,6 +640,92 @@ def test_translator_gone_fails_closed(programs: Path, vsock_root: Path, echo_par
         rc = run.process.returncode
     assert (rc, out.decode().split()) == (0, ["errno", str(ENOSYS)])
     assert echo_parent.peers == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fd_swapped_during_connect_leaks_nothing(programs: Path, vsock_root: Path) -> None:
+    # review issue 8.1: the fd is taken once (pidfd_getfd) and its identity checked on the copy; a file dup2'd
+    # over the socket meanwhile is answered by the kernel and the copy is always closed
+    translator = VsockTranslator(vsock_root, ENCLAVE_CID)
+    before = _open_fds()
+    with notified_process([str(programs / "racer"), "swap", "20000"], [translator], devices={}) as run:
+        rc, out, err = run.wait(timeout=120)
+    assert rc == 0, (out, err)
+    counts = {int(k): int(v) for k, v in (item.split(":") for item in out.decode().split()[1:])}
+    assert sum(counts.values()) == 20000
+    # no listener on 5999; or the kernel's answer when the fd was the file (ENOTSOCK), or the emulated socket
+    # while the kernel ran the call (EINVAL: a sockaddr_vm on an AF_UNIX socket)
+    assert set(counts) <= {ECONNRESET, ENOTSOCK, EINVAL}, counts
+    assert _open_fds() - before < 32
+
+
+def test_a_parent_that_never_accepts_does_not_stall_other_calls(programs: Path, vsock_root: Path,
+                                                                 nsm_device: tuple[NSMDevice, FakeNSM, str]
+                                                                 ) -> None:
+    # review issue 8.2: connect runs off the loop thread, so a full backlog cannot freeze /dev/nsm
+    handler, _, node = nsm_device
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.bind(str(vsock_root / "3" / "6000.sock"))
+    stalled.listen(0)  # one connection fits, nobody ever accepts
+    try:
+        translator = VsockTranslator(vsock_root, ENCLAVE_CID, connect_timeout=0.5)
+        with notified_process([str(programs / "racer"), "stall", "6000"], [handler, translator],
+                              devices={"/dev/nsm": node}) as run:
+            rc, out, err = run.wait(timeout=30)
+    finally:
+        stalled.close()
+    lines = out.decode().splitlines()
+    assert rc == 0, (lines, err.decode()[-1000:])
+    assert lines[0] == "nsm ok=20"
+    assert lines[1] == f"connects {ETIMEDOUT} {ETIMEDOUT} {ETIMEDOUT}"
+
+
+def test_accept_with_supervisor_fds_above_1024(programs: Path, vsock_root: Path) -> None:
+    # review issue 8.2: poll, not select, so the supervisor's fds may be numbered 1024 and above
+    filler = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        translator = VsockTranslator(vsock_root, ENCLAVE_CID)
+        with notified_process([str(programs / "vsock_prog"), "server", "5007", "1"], [translator],
+                              devices={}) as run:
+            assert run.process.stdout is not None
+            assert run.process.stdout.readline().decode().startswith("listening rc=0")
+            with UnixVsockTransport(vsock_root, local_cid=3).connect(ENCLAVE_CID, 5007) as conn:
+                conn.sendall(b"abc")
+                assert conn.recv(100) == b"cba"
+            rc, _, err = run.wait()
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert rc == 0, err.decode()
+
+
+class _Crash(BaseException):
+    """Something no handler catches: the loop itself ends."""
+
+
+class CrashingHandler:
+    """Serves ``getsockname`` by crashing the notification loop."""
+
+    def rules(self) -> list[SyscallRule]:
+        return [SyscallRule("getsockname", USER_NOTIF)]
+
+    def syscalls(self) -> tuple[str, ...]:
+        return ("getsockname",)
+
+    def handle(self, server: NotificationServer, notification: Notification, name: str) -> None:
+        raise _Crash("handler crashed")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_loop_fails_closed_with_enosys(programs: Path) -> None:
+    # review issue 8.4: however the loop ends, the listener is closed and the kernel answers ENOSYS
+    with notified_process([str(programs / "racer"), "names"], [CrashingHandler()], devices={}) as run:
+        rc, out, err = run.wait(timeout=30)
+    assert rc == 0, err.decode()
+    assert out.decode().splitlines() == [f"getsockname {ENOSYS}", f"getsockname {ENOSYS}"]
 
 
 def test_stock_python_uses_af_vsock(programs: Path, vsock_root: Path, echo_parent: EchoParent) -> None:
@@ -651,6 +892,87 @@ def test_go_program_uses_dev_nsm_and_af_vsock(go_program: Path, vsock_root: Path
     assert lines[1].startswith(f"local family=40 cid={ENCLAVE_CID} port=")
     assert lines[2] == "peer family=40 cid=3 port=5000"
     assert lines[3] == "reply=echo:hello from go"
+
+
+MDLAYHER_PROGRAM = r"""// A client of github.com/mdlayher/vsock (Debian: golang-github-mdlayher-vsock-dev), unchanged:
+// vsock.Dial does socket(AF_VSOCK, SOCK_STREAM|SOCK_NONBLOCK|SOCK_CLOEXEC), connect, getpeername and
+// getsockname, and type-asserts both addresses as *unix.SockaddrVM.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"syscall"
+
+	"github.com/mdlayher/vsock"
+)
+
+func main() {
+	// TEST GUARD (this machine has real vsock): go on only if socket(AF_VSOCK) gives an emulated AF_UNIX socket
+	// under a seccomp filter
+	fd, err := syscall.Socket(40, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		fmt.Println("socket", err)
+		os.Exit(3)
+	}
+	if d, _ := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, 39 /* SO_DOMAIN */); d != syscall.AF_UNIX {
+		fmt.Println("GUARD", d)
+		os.Exit(99)
+	}
+	syscall.Close(fd)
+	status, _ := os.ReadFile("/proc/self/status")
+	if !strings.Contains(string(status), "Seccomp:\t2") {
+		fmt.Println("GUARD no filter")
+		os.Exit(99)
+	}
+
+	conn, err := vsock.Dial(3, 5000, nil)
+	if err != nil {
+		fmt.Println("dial", err)
+		os.Exit(4)
+	}
+	local := conn.LocalAddr().(*vsock.Addr)
+	remote := conn.RemoteAddr().(*vsock.Addr)
+	fmt.Printf("local cid=%d\n", local.ContextID)
+	fmt.Printf("remote cid=%d port=%d\n", remote.ContextID, remote.Port)
+	conn.Write([]byte("hello from mdlayher/vsock"))
+	conn.CloseWrite()
+	reply, _ := io.ReadAll(conn)
+	fmt.Printf("reply=%s\n", reply)
+	conn.Close()
+}
+"""
+
+GOPATH_DEBIAN = Path("/usr/share/gocode")
+
+
+@pytest.fixture(scope="module")
+def mdlayher_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("Go is needed (apt-get install golang-go; scripts/system-deps.sh)")
+    if not (GOPATH_DEBIAN / "src/github.com/mdlayher/vsock").is_dir():
+        pytest.fail("mdlayher/vsock is needed (apt-get install golang-github-mdlayher-vsock-dev; "
+                    "scripts/system-deps.sh)")
+    work = tmp_path_factory.mktemp("mdlayher")
+    (work / "main.go").write_text(MDLAYHER_PROGRAM)
+    env = dict(os.environ, GOCACHE=str(work / "cache"), GOPATH=str(GOPATH_DEBIAN), GO111MODULE="off",
+               GOPROXY="off", CGO_ENABLED="0")
+    built = subprocess.run([go, "build", "-o", str(work / "app"), "main.go"], cwd=work, env=env, check=False,
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    return work / "app"
+
+
+def test_mdlayher_vsock_client_runs_unchanged(mdlayher_program: Path, vsock_root: Path,
+                                              echo_parent: EchoParent) -> None:
+    with notified_process([str(mdlayher_program)], [VsockTranslator(vsock_root, ENCLAVE_CID)], devices={}) as run:
+        rc, out, err = run.wait()
+    lines = out.decode().splitlines()
+    assert rc == 0, (lines, err.decode()[-1000:])
+    assert lines == [f"local cid={ENCLAVE_CID}", "remote cid=3 port=5000", "reply=echo:hello from mdlayher/vsock"]
 
 
 # ---------------------------------------------------------------------------------------------- run-enclave

@@ -21,7 +21,8 @@ The handler follows ``drivers/misc/nsm.c`` (spec nsm-attestation-kms §1.1) step
 2. ``request.len > 4096`` → ``EMSGSIZE``; copy the request (``EFAULT``);
 3. run the request on the NSM, exactly once (``ID_VALID`` just before: a caller killed meanwhile is skipped);
 4. copy ``min(response.len, len(response))`` bytes to ``response.addr`` (``EFAULT``; a short buffer silently gets
-   truncated CBOR), write that length into ``arg+24`` (``EFAULT``); return 0.
+   truncated CBOR), copy the whole ``struct nsm_raw`` back with that length in ``response.len`` (``EFAULT``);
+   return 0.  Memory is read and written through ``/proc/TID/mem`` opened before the ``ID_VALID`` of step 3.
 """
 
 from __future__ import annotations
@@ -103,9 +104,14 @@ class NSMDevice:
         if fd_identity(notification.pid, fd) != self.identity:
             listener.continue_call(notification.id)  # not our node: the kernel answers (ENOTTY, EBADF...)
             return
-        # process_vm_readv by TID: the ID_VALID that _serve does after reading (and before running the request)
-        # proves the TID named the caller throughout (§2.1 step 3)
-        with TargetMemory(notification.pid, pinned=False) as memory:
+        # §2.1 step 3: the caller's memory is pinned (opened) before the ID_VALID that _serve does before running
+        # the request, so every read and write reaches the caller even if its TID is recycled afterwards
+        try:
+            memory = TargetMemory(notification.pid)
+        except OSError:
+            listener.fail(notification.id, errno.ESRCH)  # gone already: nobody reads the answer
+            return
+        with memory:
             error = self._serve(listener, notification, memory)
         if error:
             listener.fail(notification.id, error)
@@ -132,7 +138,9 @@ class NSMDevice:
             self.executed += 1
         length = min(resp_cap, len(response))  # step 4
         try:
-            memory.write_many([(resp_addr, response[:length]), (arg + 24, length.to_bytes(8, "little"))])
+            # the driver copies the whole struct nsm_raw back (copy_to_user(argp, &raw, sizeof(raw)))
+            memory.write_many([(resp_addr, response[:length]),
+                               (arg, _RAW.pack(req_addr, req_len, resp_addr, length))])
         except OSError:
             return errno.EFAULT
         return 0

@@ -10,15 +10,21 @@ supervisor replies on the listener (spec unmodified-apps §2.1, §3.1):
   ``NOTIF_SEND`` (a result, an errno or ``FLAG_CONTINUE``), ``NOTIF_ID_VALID``, ``NOTIF_ADDFD`` (with
   ``ADDFD_FLAG_SEND``: install an fd and complete the call with its number, atomically), and
   ``NOTIF_SET_FLAGS(SYNC_WAKE_UP)`` (§2.3: cuts a round trip from ~90 to ~13 µs on this kind of VM);
-* :class:`TargetMemory` reads and writes the caller's memory: ``/proc/TID/mem`` opened *before* the
-  ``ID_VALID`` check (§2.1 step 3: the fd is then pinned to the right address space even if the id is recycled),
-  and ``process_vm_writev`` for writes so a read-only page gives ``EFAULT`` as in the kernel (§5);
+* :class:`TargetMemory` reads and writes the caller's memory through ``/proc/TID/mem`` opened (read-write)
+  *before* the ``ID_VALID`` check (§2.1 step 3: the fd is then pinned to the caller's address space even if the
+  TID is recycled, so nothing is ever read from or written into another process); a write first checks that
+  every target page is writable (``PROCMAP_QUERY`` on ``/proc/TID/maps``, or the maps text on older kernels), so
+  a read-only page gives ``EFAULT`` as the kernel's ``copy_to_user`` does (``/proc/TID/mem`` itself writes
+  through read-only pages, §5);
 * :func:`pidfd_open` / :func:`pidfd_getfd` fetch a copy of one of the caller's fds (the same open file
-  description), so the supervisor can connect or bind the caller's own socket;
+  description), so the supervisor can connect or bind the caller's own socket (:func:`caller_fd` takes it once,
+  with the ``ID_VALID`` check in between);
 * :class:`NotificationServer` is a single-threaded event loop: it receives notifications, dispatches them by
   system-call number to handlers, and lets a handler park a notification on an fd (an ``accept`` waiting for a
-  connection, a ``connect`` waiting for the ``OK`` line) with a deadline.  Parked notifications are re-checked
-  with ``ID_VALID`` every :data:`PARK_CHECK_INTERVAL` seconds so a dead caller never consumes anything.
+  connection and its ``CONNECT`` line) with a deadline; a handler may also answer from a worker thread (the
+  listener's methods are thread-safe).  When the loop ends, however it ends, it closes the listener.  Parked
+  notifications are re-checked with ``ID_VALID`` every :data:`PARK_CHECK_INTERVAL` seconds so a dead caller
+  never consumes anything.
 
 ``WAIT_KILLABLE_RECV`` is mandatory (§2.4): without it a non-fatal signal aborts the wait after the supervisor
 received the request, the call is restarted, and a non-idempotent request (a PCR extend) runs twice.  With it,
@@ -64,6 +70,7 @@ __all__ = [
     "receive_listener",
     "pidfd_open",
     "pidfd_getfd",
+    "caller_fd",
     "fd_identity",
     "syscall_numbers",
     "merged_filter",
@@ -92,26 +99,20 @@ _NOTIF = struct.Struct("<QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, sec
 _RESP = struct.Struct("<QqiI")  # struct seccomp_notif_resp: id, val, error, flags
 _ADDFD = struct.Struct("<QIIII")  # struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
 _U64 = struct.Struct("<Q")
+# linux/fs.h (6.11+): PROCMAP_QUERY = _IOWR('f', 17, struct procmap_query), a 104-byte struct
+_PROCMAP_QUERY_STRUCT = struct.Struct("<QQQQQQQQQIIIIQQ")
+PROCMAP_QUERY = 0xC0000000 | (_PROCMAP_QUERY_STRUCT.size << 16) | (ord("f") << 8) | 17
+PROCMAP_QUERY_VMA_WRITABLE = 0x02
 
 _SYSCALL_NR = {
-    "x86_64": {"pidfd_open": 434, "pidfd_getfd": 438, "process_vm_readv": 310, "process_vm_writev": 311},
-    "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438, "process_vm_readv": 270, "process_vm_writev": 271},
+    "x86_64": {"pidfd_open": 434, "pidfd_getfd": 438},
+    "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438},
 }
 # A parked notification is checked with ID_VALID this often (unmodified-apps §3.2: a dead caller must not steal a
 # connection); the loop never sleeps longer than this.
 PARK_CHECK_INTERVAL = 0.2
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_PROCESS_VM_WRITEV = _SYSCALL_NR.get(platform.machine(), {}).get("process_vm_writev", -1)
-# a CDLL of its own so these argtypes (every argument 64 bits wide: the c_long trap of §4) stay local
-_process_vm_writev = ctypes.CDLL(None, use_errno=True).syscall
-_process_vm_writev.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
-                               ctypes.c_ulong, ctypes.c_ulong)
-_process_vm_writev.restype = ctypes.c_long
-_PROCESS_VM_READV = _SYSCALL_NR.get(platform.machine(), {}).get("process_vm_readv", -1)
-_process_vm_readv = ctypes.CDLL(None, use_errno=True).syscall
-_process_vm_readv.argtypes = _process_vm_writev.argtypes
-_process_vm_readv.restype = ctypes.c_long
 _libc.syscall.restype = ctypes.c_long
 _libc.ioctl.restype = ctypes.c_int
 
@@ -161,14 +162,19 @@ class NotificationListener:
         if fd < 0:
             raise ValueError("listener fd must be >= 0")
         self._fd = fd
+        # answers also come from worker threads (a vsock connect): closing must not race an ioctl on a
+        # recycled fd number
+        self._lock = threading.Lock()
 
     def fileno(self) -> int:
         return self._fd
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the listener (idempotent): the kernel then answers every pending and later call ``ENOSYS``."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     # fcntl.ioctl (C) rather than ctypes: a notification costs 4 of these, and fcntl's are several us cheaper
 
@@ -189,21 +195,27 @@ class NotificationListener:
 
     def id_valid(self, notification_id: int) -> bool:
         """Whether the caller of ``notification_id`` still waits for the answer (§2.1 step 3)."""
-        try:
-            fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(notification_id))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
+        with self._lock:
+            if self._fd < 0:
                 return False
-            raise
+            try:
+                fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(notification_id))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return False
+                raise
         return True
 
     def _send(self, notification_id: int, value: int, error: int, flags: int) -> bool:
-        try:
-            fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(notification_id, value, error, flags))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return False  # the caller was killed meanwhile: nothing to answer
-            raise
+        with self._lock:
+            if self._fd < 0:
+                return False  # closed: the kernel answered ENOSYS
+            try:
+                fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(notification_id, value, error, flags))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return False  # the caller was killed meanwhile: nothing to answer
+                raise
         return True
 
     def respond(self, notification_id: int, value: int = 0) -> bool:
@@ -227,32 +239,36 @@ class NotificationListener:
         # the new fd number (the ioctl's return value) needs ctypes
         buf = ctypes.create_string_buffer(
             _ADDFD.pack(notification_id, flags, fd, 0, os.O_CLOEXEC if cloexec else 0), _ADDFD.size)
-        rc = _libc.ioctl(ctypes.c_int(self._fd), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_ADDFD), buf)
-        if rc < 0:
-            _raise_errno("NOTIF_ADDFD")
+        with self._lock:
+            if self._fd < 0:
+                raise OSError(errno.ENOENT, "NOTIF_ADDFD: the listener is closed")
+            rc = _libc.ioctl(ctypes.c_int(self._fd), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_ADDFD), buf)
+            if rc < 0:
+                _raise_errno("NOTIF_ADDFD")
         return int(rc)
 
 
 class TargetMemory:
-    """The address space of a notified caller.
+    """The address space of a notified caller, pinned when this object is made.
 
-    ``pinned`` (default): reads use ``/proc/TID/mem`` opened here; check ``ID_VALID`` after opening (§2.1 step 3)
-    and the fd is bound to the caller's address space whatever happens to the TID later.  Not pinned: reads use
-    ``process_vm_readv`` by TID (two syscalls fewer per request); an ``ID_VALID`` *after* the reads proves the
-    thread was alive, hence named by its TID, all along, so nothing read before it may be trusted.
-    Writes use ``process_vm_writev`` so that a read-only or unmapped page gives ``EFAULT``, as the kernel's
-    ``copy_to_user`` does (``/proc/PID/mem`` writes through read-only pages, §5); the caller is blocked in the
-    notified call, so its TID stays its own unless it is SIGKILLed.  Every failure is ``OSError(EFAULT)``.
+    ``/proc/TID/mem`` is opened read-write here: create the object *before* the ``ID_VALID`` check (§2.1 step 3)
+    and every later read or write reaches the caller's address space, whatever happens to the TID (a caller
+    SIGKILLed meanwhile only makes them fail: its memory is gone).  A write first checks that each target page is
+    writable by the caller, because ``/proc/TID/mem`` writes through read-only pages (§5) where the kernel's
+    ``copy_to_user`` gives ``EFAULT``.  The check uses ``/proc/TID/maps`` opened at the first write (it only
+    decides the errno: the write itself goes through the pinned fd).  Every failure is ``OSError(EFAULT)``.
     """
 
-    def __init__(self, tid: int, *, pinned: bool = True) -> None:
+    def __init__(self, tid: int) -> None:
         self.tid = tid
-        self._fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC) if pinned else -1
+        self._fd = os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        self._maps = -1
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._maps):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._maps = -1
 
     def __enter__(self) -> TargetMemory:
         return self
@@ -267,13 +283,6 @@ class TargetMemory:
             return b""
         if address == 0 or address + size > 1 << 64:
             raise OSError(errno.EFAULT, "bad address")
-        if self._fd < 0:
-            buf = ctypes.create_string_buffer(size)
-            local = struct.pack("<QQ", ctypes.addressof(buf), size)
-            remote = struct.pack("<QQ", address, size)
-            if _process_vm_readv(_PROCESS_VM_READV, self.tid, local, 1, remote, 1, 0) != size:
-                raise OSError(errno.EFAULT, "bad address")
-            return buf.raw
         try:
             data = os.pread(self._fd, size, address)
         except (OSError, OverflowError) as exc:
@@ -289,30 +298,101 @@ class TargetMemory:
         self.write_many([(address, data)])
 
     def write_many(self, pieces: Sequence[tuple[int, bytes]]) -> None:
-        """Write each ``(address, data)`` in order, in one ``process_vm_writev``; EFAULT if any byte fails."""
+        """Write each ``(address, data)`` in order; EFAULT (and nothing written) if any byte is not writable."""
         pieces = [(a, bytes(d)) for a, d in pieces if d]
         if not pieces:
             return
         for address, data in pieces:
             if address == 0 or address + len(data) > 1 << 64:
                 raise OSError(errno.EFAULT, "bad address")
-        joined = b"".join(d for _, d in pieces)
-        buf = ctypes.create_string_buffer(joined, len(joined))
-        local = struct.pack("<QQ", ctypes.addressof(buf), len(joined))
-        remote = struct.pack(f"<{2 * len(pieces)}Q", *[x for a, d in pieces for x in (a, len(d))])
-        rc = _process_vm_writev(_PROCESS_VM_WRITEV, self.tid, local, 1, remote, len(pieces), 0)
-        if rc != len(joined):
-            raise OSError(errno.EFAULT, "bad address")
+        for address, data in pieces:
+            self._check_writable(address, address + len(data))
+        for address, data in pieces:
+            try:
+                written = os.pwrite(self._fd, data, address)
+            except (OSError, OverflowError) as exc:
+                raise OSError(errno.EFAULT, "bad address") from exc
+            if written != len(data):
+                raise OSError(errno.EFAULT, "bad address")
+
+    def _check_writable(self, start: int, end: int) -> None:
+        if self._maps < 0:
+            try:
+                self._maps = os.open(f"/proc/{self.tid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise OSError(errno.EFAULT, "bad address") from exc
+        address = start
+        while address < end:
+            vma_end = self._writable_vma_end(address)
+            if vma_end is None:
+                raise OSError(errno.EFAULT, "bad address")
+            address = vma_end
+
+    def _writable_vma_end(self, address: int) -> int | None:
+        """End of the writable mapping that covers ``address``; None when no writable mapping covers it."""
+        query = bytearray(_PROCMAP_QUERY_STRUCT.pack(_PROCMAP_QUERY_STRUCT.size, PROCMAP_QUERY_VMA_WRITABLE,
+                                                     address, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        try:
+            fcntl.ioctl(self._maps, PROCMAP_QUERY, query, True)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None  # nothing writable covers it
+            if exc.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise OSError(errno.EFAULT, "bad address") from exc
+            return _writable_vma_end_from_text(self._maps, address)  # kernels before 6.11
+        vma_start, vma_end = _PROCMAP_QUERY_STRUCT.unpack(query)[3:5]
+        return int(vma_end) if vma_start <= address < vma_end else None
+
+
+def _writable_vma_end_from_text(maps_fd: int, address: int) -> int | None:
+    """The maps text's answer for :meth:`TargetMemory._writable_vma_end` (``start-end perms ...`` lines)."""
+    chunks = []
+    offset = 0
+    while chunk := os.pread(maps_fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    for line in b"".join(chunks).splitlines():
+        span, _, rest = line.partition(b" ")
+        low, _, high = span.partition(b"-")
+        try:
+            vma_start, vma_end = int(low, 16), int(high, 16)
+        except ValueError:
+            continue
+        if vma_start <= address < vma_end:
+            return vma_end if rest[1:2] == b"w" else None
+    return None
 
 
 def pidfd_open(pid: int) -> int:
-    """A pidfd of thread ``pid`` (``PIDFD_THREAD``; falls back to a thread-group pidfd on older kernels)."""
+    """A pidfd of thread ``pid`` (``PIDFD_THREAD``).
+
+    Kernels before 6.9 lack ``PIDFD_THREAD`` and give pidfds of thread-group leaders only: there the pidfd is the
+    one of the thread's group (``Tgid`` in ``/proc/TID/status``), which shares the fd table ``pidfd_getfd``
+    reads.  Check ``ID_VALID`` after this call: it proves the TID still named the caller when the pidfd was made.
+    """
     rc = _libc.syscall(ctypes.c_long(_nr("pidfd_open")), ctypes.c_long(pid), ctypes.c_long(PIDFD_THREAD))
     if rc < 0 and ctypes.get_errno() == errno.EINVAL:
         rc = _libc.syscall(ctypes.c_long(_nr("pidfd_open")), ctypes.c_long(pid), ctypes.c_long(0))
+        # not a thread-group leader: EINVAL before 6.9 (ENOENT on recent kernels)
+        if rc < 0 and ctypes.get_errno() in (errno.EINVAL, errno.ENOENT):
+            tgid = _thread_group(pid)
+            if tgid is not None and tgid != pid:
+                rc = _libc.syscall(ctypes.c_long(_nr("pidfd_open")), ctypes.c_long(tgid), ctypes.c_long(0))
     if rc < 0:
         _raise_errno("pidfd_open")
     return int(rc)
+
+
+def _thread_group(tid: int) -> int | None:
+    """``Tgid`` of ``/proc/TID/status``; None when the thread is gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
@@ -322,6 +402,31 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     if rc < 0:
         _raise_errno("pidfd_getfd")
     return int(rc)
+
+
+def caller_fd(listener: NotificationListener, notification: Notification, fd: int) -> int:
+    """A copy of the caller's ``fd``, taken once: ``pidfd_open`` → ``ID_VALID`` → ``pidfd_getfd`` (§2.1 step 2).
+
+    The copy is the open file description the caller's fd named at that moment; decide from ``fstat`` of the
+    copy, never from an earlier look at ``/proc/PID/fd`` (the caller may ``dup2`` something else over it
+    meanwhile).  The caller of this function owns (and must close) the result.  ``OSError(ESRCH)`` when the
+    caller is gone, ``OSError(EBADF)`` when the fd is not open.
+    """
+    if fd < 0 or fd > 0x7FFFFFFF:
+        raise OSError(errno.EBADF, "bad file descriptor")
+    try:
+        pidfd = pidfd_open(notification.pid)
+    except OSError as exc:
+        raise OSError(errno.ESRCH, "the caller is gone") from exc
+    try:
+        if not listener.id_valid(notification.id):
+            raise OSError(errno.ESRCH, "the caller is gone")
+        try:
+            return pidfd_getfd(pidfd, fd)
+        except OSError as exc:
+            raise OSError(errno.EBADF, "bad file descriptor") from exc
+    finally:
+        os.close(pidfd)
 
 
 def fd_identity(pid: int, fd: int) -> tuple[int, int] | None:
@@ -435,7 +540,7 @@ class NotificationServer:
     def close(self) -> None:
         for parked in list(self._parked.values()):
             self.unpark(parked.fd)
-            parked.on_cancel("the supervisor stopped")
+            self._cancel(parked, "the supervisor stopped")
         for fd in (self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -488,7 +593,12 @@ class NotificationServer:
                         last_check = now
                         self._check_parked(now)
         finally:
-            self.close()
+            # fail safe however the loop ends (§3.4): with the listener closed the kernel answers every pending
+            # and later notified call ENOSYS instead of leaving the caller blocked for ever
+            try:
+                self.close()
+            finally:
+                self.listener.close()
 
     def _receive_one(self) -> None:
         try:
@@ -523,7 +633,15 @@ class NotificationServer:
         for parked in list(self._parked.values()):
             if not self.listener.id_valid(parked.notification.id):
                 self.unpark(parked.fd)
-                parked.on_cancel("the caller is gone")
+                self._cancel(parked, "the caller is gone")
             elif parked.deadline is not None and parked.deadline <= now:
                 self.unpark(parked.fd)
-                parked.on_cancel("timeout")
+                self._cancel(parked, "timeout")
+
+    def _cancel(self, parked: _Parked, reason: str) -> None:
+        try:
+            parked.on_cancel(reason)
+        except Exception:
+            _log.exception("cancelling a parked seccomp notification failed")
+            with contextlib.suppress(OSError):
+                self.listener.fail(parked.notification.id, errno.EIO)

@@ -8,10 +8,13 @@ Firecracker's ``CONNECT <port>\\n`` / ``OK <port>\\n`` handshake):
 * ``socket(AF_VSOCK, SOCK_STREAM[|NONBLOCK|CLOEXEC], 0)``: the supervisor creates an ``AF_UNIX`` stream socket and
   installs it in the caller with ``ADDFD_FLAG_SEND`` (the call returns its fd number, atomically).  Its
   ``(st_dev, st_ino)`` marks it as an emulated vsock socket;
-* ``connect`` to ``(3, port)``: the supervisor takes the caller's socket with ``pidfd_getfd`` (same open file
-  description), connects it to ``R/3/<port>.sock`` (resolved in the supervisor's namespaces) and does the
-  ``CONNECT``/``OK`` handshake on it before the call returns; any other CID, or nobody listening, is
-  ``ECONNRESET`` as vsock reports it;
+* every other call: the supervisor takes the caller's fd once with ``pidfd_getfd`` (same open file description,
+  ``ID_VALID`` checked in between) and decides from the copy's ``(st_dev, st_ino)``: a fd the caller ``dup2``'d
+  over meanwhile is never mistaken for the socket it replaced, and the copy is closed on every path;
+* ``connect`` to ``(3, port)``: connects the caller's socket to ``R/3/<port>.sock`` (resolved in the supervisor's
+  namespaces) and does the ``CONNECT``/``OK`` handshake on it before the call returns, on a worker thread with
+  a deadline (``SO_SNDTIMEO`` for a full backlog), so a parent that never accepts cannot stall the loop; any
+  other CID, or nobody listening, is ``ECONNRESET`` as vsock reports it, no answer in time ``ETIMEDOUT``;
 * ``bind`` to ``(VMADDR_CID_ANY or own CID, port)``: binds the caller's socket to ``R/<own cid>/<port>.sock``
   (``VMADDR_PORT_ANY`` picks an ephemeral port); ``listen`` is native;
 * ``accept``/``accept4`` on such a listener: the supervisor accepts, answers the parent's ``CONNECT`` with
@@ -44,20 +47,23 @@ import select
 import socket
 import stat
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from enclavekit.errors import VsockConnectionRefused, VsockHandshakeError
 from enclavekit.runtime.seccomp import AF_VSOCK, USER_NOTIF, Action, ArgMatch, SyscallRule
 from enclavekit.runtime.usernotif import (
+    PARK_CHECK_INTERVAL,
     Notification,
     NotificationListener,
     NotificationServer,
     TargetMemory,
+    caller_fd,
     fd_identity,
-    pidfd_getfd,
-    pidfd_open,
 )
 from enclavekit.vsock.address import VMADDR_CID_ANY, VMADDR_CID_PARENT, VMADDR_PORT_ANY, VsockAddress
 from enclavekit.vsock.protocol import AcceptorHandshake, ConnectorHandshake
@@ -81,6 +87,8 @@ _SOCK_TYPE_MASK = 0xF
 _SOCK_NONBLOCK = os.O_NONBLOCK
 _SOCK_CLOEXEC = os.O_CLOEXEC
 _PRUNE_EVERY = 1024
+# connects run on worker threads (each waits at most connect_timeout); more at once queue up
+_CONNECT_WORKERS = 8
 _MAX_UNIX_PATH = 107
 # The emulation's constants, as enclavekit.vsock.transport defines them (not imported: that module loads asyncio,
 # which would slow every enclave launch; a unit test checks they agree).
@@ -100,7 +108,7 @@ def pack_sockaddr_vm(address: VsockAddress) -> bytes:
 def unpack_sockaddr_vm(data: bytes) -> VsockAddress:
     """Parse a caller's ``sockaddr_vm`` the way ``vsock_addr_cast`` does; OSError(errno) when it would fail."""
     if len(data) < SOCKADDR_VM.size:
-        raise OSError(errno.EINVAL, "sockaddr_vm too short")
+        raise OSError(errno.EFAULT, "sockaddr_vm too short")  # vsock_addr_cast: short is -EFAULT
     family, _, port, cid, _flags, zero = SOCKADDR_VM.unpack_from(data)
     if family != AF_VSOCK:
         raise OSError(errno.EAFNOSUPPORT, "not an AF_VSOCK address")
@@ -155,6 +163,8 @@ class VsockTranslator:
         self._sockets: dict[tuple[int, int], _VSocket] = {}
         self._ephemeral = itertools.count(EPHEMERAL_PORT_START + int.from_bytes(os.urandom(2), "big") % 8192)
         self._since_prune = 0
+        self._table_lock = threading.Lock()  # the table is also updated by connect workers
+        self._workers: ThreadPoolExecutor | None = None
 
     # ---- filter rules
 
@@ -183,19 +193,39 @@ class VsockTranslator:
             return
         fd = notification.args[0] & 0xFFFFFFFF
         key = fd_identity(notification.pid, fd)
-        vs = self._sockets.get(key) if key is not None else None
-        if vs is None or key is None:
+        if key is None or key not in self._sockets:
             # not an emulated socket, hence not a vsock socket at all (§3.4): the kernel decides
             listener.continue_call(notification.id)
             return
+        # §2.1 step 2: take the fd once and decide from the copy (the look above is only a fast path)
+        try:
+            dup = caller_fd(listener, notification, fd)
+        except OSError as exc:
+            listener.fail(notification.id, exc.errno or errno.EBADF)
+            return
+        try:
+            st = os.fstat(dup)
+            vs = self._sockets.get((st.st_dev, st.st_ino))
+            # an emulated socket is an AF_UNIX socket of ours: anything else was dup2'd over the fd meanwhile
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=dup) if vs is not None else None
+        except OSError:
+            os.close(dup)
+            listener.fail(notification.id, errno.EBADF)
+            return
+        if vs is None or sock is None:
+            os.close(dup)
+            listener.continue_call(notification.id)  # now a file or another socket: the kernel answers
+            return
+        # ``sock`` belongs to the method called now: it closes it, or hands it on (a worker, a parked wait)
         try:
             if name == "connect":
-                self._connect(server, notification, fd, vs)
+                self._connect(server, notification, sock, vs)
             elif name == "bind":
-                self._bind(listener, notification, fd, vs)
+                self._bind(listener, notification, sock, vs)
             elif name in ("accept", "accept4"):
-                self._accept(server, notification, fd, vs, four=name == "accept4")
+                self._accept(server, notification, sock, vs, four=name == "accept4")
             else:
+                sock.close()
                 self._name(listener, notification, vs, peer=name == "getpeername")
         except _Errno as exc:
             listener.fail(notification.id, exc.number)
@@ -223,11 +253,13 @@ class VsockTranslator:
         try:
             st = os.fstat(sock.fileno())
             key = (st.st_dev, st.st_ino)
-            self._sockets[key] = _VSocket()
+            with self._table_lock:
+                self._sockets[key] = _VSocket()
             try:
                 listener.add_fd(n.id, sock.fileno(), cloexec=bool(flags & _SOCK_CLOEXEC), send=True)
             except OSError as exc:
-                del self._sockets[key]
+                with self._table_lock:
+                    self._sockets.pop(key, None)
                 if exc.errno != errno.ENOENT:
                     listener.fail(n.id, exc.errno or errno.EMFILE)
         finally:
@@ -235,52 +267,51 @@ class VsockTranslator:
 
     # ---- helpers
 
-    def _read_address(self, n: Notification, address: int, length: int) -> VsockAddress:
-        length &= 0xFFFFFFFF
-        if length > _SOCKADDR_STORAGE:
-            raise _Errno(errno.EINVAL)
+    @staticmethod
+    def _memory(listener: NotificationListener, n: Notification) -> TargetMemory:
+        """The caller's memory, pinned: opened first, then ``ID_VALID`` (§2.1 step 3)."""
         try:
-            with TargetMemory(n.pid) as mem:
-                data = mem.read(address, min(length, SOCKADDR_VM.size))
+            mem = TargetMemory(n.pid)
         except OSError as exc:
-            raise _Errno(errno.EFAULT) from exc
+            raise _Errno(errno.ESRCH) from exc
+        if not listener.id_valid(n.id):
+            mem.close()
+            raise _Errno(errno.ESRCH)
+        return mem
+
+    def _read_address(self, listener: NotificationListener, n: Notification, address: int,
+                      length: int) -> VsockAddress:
+        length &= 0xFFFFFFFF
+        if length > _SOCKADDR_STORAGE:  # move_addr_to_kernel
+            raise _Errno(errno.EINVAL)
+        with self._memory(listener, n) as mem:
+            try:
+                data = mem.read(address, min(length, SOCKADDR_VM.size))
+            except OSError as exc:
+                raise _Errno(errno.EFAULT) from exc
         try:
             return unpack_sockaddr_vm(data)
         except OSError as exc:
             raise _Errno(exc.errno or errno.EINVAL) from exc
 
-    @staticmethod
-    def _caller_socket(n: Notification, listener: NotificationListener, fd: int) -> socket.socket:
-        """The caller's socket (same open file description), or _Errno; ID_VALID checked after pidfd_open."""
-        try:
-            pidfd = pidfd_open(n.pid)
-        except OSError as exc:
-            raise _Errno(errno.ESRCH) from exc
-        try:
-            if not listener.id_valid(n.id):
-                raise _Errno(errno.ESRCH)
-            try:
-                dup = pidfd_getfd(pidfd, fd)
-            except OSError as exc:
-                raise _Errno(errno.EBADF) from exc
-        finally:
-            os.close(pidfd)
-        return socket.socket(fileno=dup)
+    def _write_address(self, listener: NotificationListener, n: Notification, address: VsockAddress,
+                       addr_ptr: int, len_ptr: int, *, optional: bool) -> None:
+        """Kernel semantics (``move_addr_to_user``): copy ``min(*len, 16)`` bytes, then ``*len = 16``.
 
-    @staticmethod
-    def _write_address(n: Notification, address: VsockAddress, addr_ptr: int, len_ptr: int) -> None:
-        """Kernel semantics (``move_addr_to_user``): copy ``min(*len, 16)`` bytes, then ``*len = 16``."""
-        if addr_ptr == 0:
+        ``optional`` (accept): a NULL ``addr_ptr`` means no address is wanted and nothing is touched.
+        """
+        if optional and addr_ptr == 0:
             return
-        try:
-            with TargetMemory(n.pid) as mem:
+        with self._memory(listener, n) as mem:
+            try:
                 room = int.from_bytes(mem.read(len_ptr, 4), "little", signed=True)
                 if room < 0:
                     raise _Errno(errno.EINVAL)
-                mem.write(addr_ptr, pack_sockaddr_vm(address)[:min(room, SOCKADDR_VM.size)])
-                mem.write(len_ptr, SOCKADDR_VM.size.to_bytes(4, "little"))
-        except OSError as exc:
-            raise _Errno(errno.EFAULT) from exc
+                # room == 0 copies nothing: getsockname(fd, NULL, &zero) succeeds and reports the length
+                mem.write_many([(addr_ptr, pack_sockaddr_vm(address)[:min(room, SOCKADDR_VM.size)]),
+                                (len_ptr, SOCKADDR_VM.size.to_bytes(4, "little"))])
+            except OSError as exc:
+                raise _Errno(errno.EFAULT) from exc
 
     def _path(self, address: VsockAddress) -> str:
         path = os.fsdecode(socket_path(self.root, address))
@@ -290,71 +321,95 @@ class VsockTranslator:
 
     # ---- connect
 
-    def _connect(self, server: NotificationServer, n: Notification, fd: int, vs: _VSocket) -> None:
+    def _connect(self, server: NotificationServer, n: Notification, sock: socket.socket, vs: _VSocket) -> None:
         listener = server.listener
-        target = self._read_address(n, n.args[1], n.args[2])
-        if vs.peer is not None:
-            raise _Errno(errno.EISCONN)
-        if target.cid != VMADDR_CID_PARENT:
-            raise _Errno(errno.ECONNRESET)  # §3.2 step 4: an enclave reaches only the parent
-        path = self._path(target)
-        sock = self._caller_socket(n, listener, fd)
         try:
-            sock.connect(path)
-            machine = ConnectorHandshake(target.port)
-            sock.send(machine.request(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except BlockingIOError:
+            target = self._read_address(listener, n, n.args[1], n.args[2])
+            if vs.peer is not None:
+                raise _Errno(errno.EISCONN)
+            if target.cid != VMADDR_CID_PARENT:
+                raise _Errno(errno.ECONNRESET)  # §3.2 step 4: an enclave reaches only the parent
+            path = self._path(target)
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(max_workers=_CONNECT_WORKERS, thread_name_prefix="vsock-connect")
+            # a blocking connect to a parent that never accepts must not freeze the loop (review issue 8.2)
+            self._workers.submit(self._connect_worker, listener, n, sock, vs, target=target, path=path)
+        except BaseException:
             sock.close()
-            raise _Errno(errno.EAGAIN) from None
-        except OSError as exc:
-            sock.close()
-            _log.debug("vsock connect to %s: %s", target, exc)
-            raise _Errno(errno.ECONNRESET) from exc
+            raise
 
-        def finish(error: int) -> None:
-            if error:
+    def _connect_worker(self, listener: NotificationListener, n: Notification, sock: socket.socket, vs: _VSocket,
+                        *, target: VsockAddress, path: str) -> None:
+        try:
+            try:
+                local_port = self._connect_blocking(listener, n, sock, target, path)
+            except _Errno as exc:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # a failed connect leaves no half-open channel
-            sock.close()
-            if error:
-                listener.fail(n.id, error)
-
-        def on_ready() -> None:
-            try:
-                part = _line_part(sock, machine.wanted)
-                if part is None:
-                    server.park(n, sock.fileno(), select.POLLIN, on_ready, on_cancel=on_cancel,
-                                timeout=self.connect_timeout)
-                    return
-                result = machine.receive(part)
-            except (VsockHandshakeError, VsockConnectionRefused, OSError):
-                finish(errno.ECONNRESET)
-                return
-            if result is None:
-                server.park(n, sock.fileno(), select.POLLIN, on_ready, on_cancel=on_cancel,
-                            timeout=self.connect_timeout)
+                listener.fail(n.id, exc.number)
                 return
             vs.peer = target
-            vs.local = VsockAddress(self.local_cid, result.local_port)
-            finish(0)
+            vs.local = VsockAddress(self.local_cid, local_port)
             listener.respond(n.id, 0)
+        except Exception:
+            _log.exception("vsock connect to %s failed", target)
+            with contextlib.suppress(OSError):
+                listener.fail(n.id, errno.EIO)
+        finally:
+            sock.close()
 
-        def on_cancel(reason: str) -> None:
-            finish(errno.ETIMEDOUT if reason == "timeout" else errno.ECONNRESET)
-
-        server.park(n, sock.fileno(), select.POLLIN, on_ready, on_cancel=on_cancel, timeout=self.connect_timeout)
+    def _connect_blocking(self, listener: NotificationListener, n: Notification, sock: socket.socket,
+                          target: VsockAddress, path: str) -> int:
+        """Connect and handshake within ``connect_timeout``; the local port, or _Errno."""
+        nonblocking = bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+        # AF_UNIX connect waits for backlog room up to SO_SNDTIMEO (the caller's value is put back after)
+        saved = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)
+        seconds = int(self.connect_timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("@ll", seconds, max(1, int((self.connect_timeout - seconds) * 1e6))))
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            raise _Errno(errno.EAGAIN if nonblocking else errno.ETIMEDOUT) from None
+        except OSError as exc:
+            _log.debug("vsock connect to %s: %s", target, exc)
+            raise _Errno(errno.ECONNRESET) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, saved)
+        machine = ConnectorHandshake(target.port)
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            sock.send(machine.request(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            while True:
+                part = _line_part(sock, machine.wanted)
+                if part is not None:
+                    result = machine.receive(part)
+                    if result is not None:
+                        return result.local_port
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Errno(errno.ETIMEDOUT)
+                if not poller.poll(int(min(remaining, PARK_CHECK_INTERVAL) * 1000) + 1) and not listener.id_valid(
+                        n.id):
+                    raise _Errno(errno.ECONNRESET)  # §3.2: a dead caller's connect goes no further
+        except (VsockHandshakeError, VsockConnectionRefused, OSError) as exc:
+            raise _Errno(errno.ECONNRESET) from exc
 
     # ---- bind
 
-    def _bind(self, listener: NotificationListener, n: Notification, fd: int, vs: _VSocket) -> None:
-        wanted = self._read_address(n, n.args[1], n.args[2])
-        if vs.local is not None:
-            raise _Errno(errno.EINVAL)
-        if wanted.cid not in (VMADDR_CID_ANY, self.local_cid):
-            raise _Errno(errno.EADDRNOTAVAIL)
-        ports = (next(self._ephemeral) for _ in range(1000)) if wanted.port == VMADDR_PORT_ANY else iter([wanted.port])
-        sock = self._caller_socket(n, listener, fd)
+    def _bind(self, listener: NotificationListener, n: Notification, sock: socket.socket, vs: _VSocket) -> None:
         try:
+            wanted = self._read_address(listener, n, n.args[1], n.args[2])
+            if vs.local is not None:
+                raise _Errno(errno.EINVAL)
+            if wanted.cid not in (VMADDR_CID_ANY, self.local_cid):
+                raise _Errno(errno.EADDRNOTAVAIL)
+            ports = ((next(self._ephemeral) for _ in range(1000)) if wanted.port == VMADDR_PORT_ANY
+                     else iter([wanted.port]))
             for port in ports:
                 address = VsockAddress(self.local_cid, port)
                 path = self._path(address)
@@ -375,13 +430,13 @@ class VsockTranslator:
 
     # ---- accept
 
-    def _accept(self, server: NotificationServer, n: Notification, fd: int, vs: _VSocket, *, four: bool) -> None:
+    def _accept(self, server: NotificationServer, n: Notification, lsock: socket.socket, vs: _VSocket, *,
+                four: bool) -> None:
         listener = server.listener
         flags = n.args[3] & 0xFFFFFFFF if four else 0
-        if flags & ~(_SOCK_NONBLOCK | _SOCK_CLOEXEC):
-            raise _Errno(errno.EINVAL)
-        lsock = self._caller_socket(n, listener, fd)
         try:
+            if flags & ~(_SOCK_NONBLOCK | _SOCK_CLOEXEC):
+                raise _Errno(errno.EINVAL)
             if not lsock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) or vs.local is None:
                 raise _Errno(errno.EINVAL)
             nonblocking = bool(fcntl.fcntl(lsock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
@@ -399,8 +454,7 @@ class VsockTranslator:
             done(errno.EAGAIN if reason == "timeout" else errno.EINTR)
 
         def attempt() -> None:
-            ready = select.select([lsock], [], [], 0)[0]
-            if not ready:
+            if not _readable(lsock.fileno()):
                 if nonblocking:
                     done(errno.EAGAIN)
                 else:
@@ -462,17 +516,20 @@ class VsockTranslator:
                 if flags & _SOCK_NONBLOCK:
                     conn.setblocking(False)
                 try:
-                    self._write_address(n, peer, n.args[1], n.args[2])
+                    self._write_address(listener, n, peer, n.args[1], n.args[2], optional=True)
                 except _Errno as exc:
                     done(exc.number)
                     return
+                self._maybe_prune()  # accepted sockets count too (review issue 8.8)
                 st = os.fstat(conn.fileno())
                 ckey = (st.st_dev, st.st_ino)
-                self._sockets[ckey] = _VSocket(local=local, peer=peer)
+                with self._table_lock:
+                    self._sockets[ckey] = _VSocket(local=local, peer=peer)
                 try:
                     listener.add_fd(n.id, conn.fileno(), cloexec=bool(flags & _SOCK_CLOEXEC), send=True)
                 except OSError as exc:
-                    del self._sockets[ckey]
+                    with self._table_lock:
+                        self._sockets.pop(ckey, None)
                     done(0 if exc.errno == errno.ENOENT else (exc.errno or errno.EMFILE))
                     return
                 done(0)
@@ -490,9 +547,7 @@ class VsockTranslator:
             address = vs.peer
         else:
             address = vs.local or VsockAddress(VMADDR_CID_ANY, VMADDR_PORT_ANY)
-        if n.args[1] == 0 or n.args[2] == 0:
-            raise _Errno(errno.EFAULT)
-        self._write_address(n, address, n.args[1], n.args[2])
+        self._write_address(listener, n, address, n.args[1], n.args[2], optional=False)
         listener.respond(n.id, 0)
 
     # ---- table pruning (§5: identities repeat only after a 32-bit wrap, but the table must not grow forever)
@@ -506,15 +561,22 @@ class VsockTranslator:
     def prune(self, live: Callable[[], set[int]]) -> int:
         """Forget sockets no process holds any more (and unlink their socket files); return how many."""
         alive = live()
-        gone = [key for key in self._sockets if key[1] not in alive]
-        for key in gone:
-            vs = self._sockets.pop(key)
+        with self._table_lock:
+            gone = [(key, self._sockets.pop(key)) for key in list(self._sockets) if key[1] not in alive]
+        for _, vs in gone:
             if vs.bound_path and vs.bound_identity:
                 with contextlib.suppress(OSError):
                     st = os.lstat(vs.bound_path)
                     if (st.st_dev, st.st_ino) == vs.bound_identity:
                         os.unlink(vs.bound_path)
         return len(gone)
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` polls readable now (poll, not select: the supervisor's fds may be numbered 1024+)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _live_socket_inodes() -> set[int]:

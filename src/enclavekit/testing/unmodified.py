@@ -71,13 +71,17 @@ def _child_setup(flt: SeccompFilter, sock: socket.socket, devices: Mapping[str, 
     if devices is not None:
         check(libc.unshare(ctypes.c_int(_CLONE_NEWNS)), "unshare")
         check(libc.mount(None, b"/", None, ctypes.c_ulong(_MS_REC | _MS_PRIVATE), None), "mount private")
+        # the host nodes are opened (in this namespace) before /dev is replaced: one may itself be in /dev
+        sources = {inside: os.open(host, os.O_PATH | os.O_CLOEXEC) for inside, host in devices.items()}
         check(libc.mount(b"tmpfs", b"/dev", b"tmpfs", ctypes.c_ulong(_MS_NOSUID), b"mode=0755"), "mount /dev")
         for name, (major, minor) in _NODES.items():
             os.mknod(f"/dev/{name}", stat.S_IFCHR | 0o666, os.makedev(major, minor))
             os.chmod(f"/dev/{name}", 0o666)  # noqa: S103 - the standard modes of these nodes
-        for inside, host in devices.items():
+        for inside, fd in sources.items():
             os.close(os.open(inside, os.O_CREAT | os.O_WRONLY, 0o600))
-            check(libc.mount(host.encode(), inside.encode(), None, ctypes.c_ulong(_MS_BIND), None), "bind")
+            check(libc.mount(f"/proc/self/fd/{fd}".encode(), inside.encode(), None, ctypes.c_ulong(_MS_BIND), None),
+                  "bind")
+            os.close(fd)
     lfd = install_notifying_filter(flt)
     send_listener(sock, lfd)
     os.close(lfd)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import socket
 import struct
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from enclavekit.formats import nsm_messages as msg
+from enclavekit.runtime import usernotif
 from enclavekit.runtime.nsm_device import NSM_IOCTL_RAW, NSMDevice
 from enclavekit.runtime.seccomp import (
     AF_VSOCK,
@@ -32,10 +37,17 @@ from enclavekit.runtime.usernotif import (
     NotificationListener,
     NotificationServer,
     TargetMemory,
+    caller_fd,
     dispatch_table,
     merged_filter,
 )
-from enclavekit.runtime.vsock_translate import VsockTranslator, _remove_stale, pack_sockaddr_vm, unpack_sockaddr_vm
+from enclavekit.runtime.vsock_translate import (
+    VsockTranslator,
+    _remove_stale,
+    _VSocket,
+    pack_sockaddr_vm,
+    unpack_sockaddr_vm,
+)
 from enclavekit.testing.nsm import FakeNSM
 from enclavekit.vsock.address import VsockAddress
 
@@ -127,7 +139,7 @@ def test_sockaddr_vm_round_trip() -> None:
 
 
 @pytest.mark.parametrize(("data", "code"), [
-    (pack_sockaddr_vm(VsockAddress(3, 1))[:15], errno.EINVAL),                   # too short
+    (pack_sockaddr_vm(VsockAddress(3, 1))[:15], errno.EFAULT),                   # too short (vsock_addr_cast)
     (struct.pack("<HHIIB3s", 2, 0, 1, 3, 0, b"\0\0\0"), errno.EAFNOSUPPORT),    # not AF_VSOCK
     (struct.pack("<HHIIB3s", AF_VSOCK, 0, 1, 3, 0, b"\1\0\0"), errno.EINVAL),   # svm_zero not zero
 ])
@@ -183,29 +195,178 @@ def test_unhandled_call_is_enosys_never_continue() -> None:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-@pytest.mark.parametrize("pinned", [True, False])
-def test_target_memory_reads_and_writes(pinned: bool) -> None:
+@pytest.fixture(params=["procmap_query", "maps_text"])
+def maps_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of checking writability: the 6.11+ ioctl, and the maps text of older kernels."""
+    if request.param == "maps_text":
+        monkeypatch.setattr(usernotif, "PROCMAP_QUERY", 0xC0686600)  # an ioctl no kernel knows: ENOTTY
+    return str(request.param)
+
+
+def test_procmap_query_number() -> None:
+    # linux/fs.h: _IOWR('f', 17, struct procmap_query), sizeof == 104
+    assert usernotif.PROCMAP_QUERY == 0xC0686611
+
+
+def test_target_memory_reads_and_writes(maps_mode: str) -> None:
     buf = ctypes.create_string_buffer(b"abcdefgh", 8)
-    with TargetMemory(os.getpid(), pinned=pinned) as mem:
+    with TargetMemory(os.getpid()) as mem:
         assert mem.read(ctypes.addressof(buf), 8) == b"abcdefgh"
         mem.write(ctypes.addressof(buf) + 2, b"XY")
     assert buf.raw == b"abXYefgh"
 
 
-@pytest.mark.parametrize("pinned", [True, False])
+def test_target_memory_write_across_two_writable_mappings(maps_mode: str) -> None:
+    # two adjacent anonymous mappings with different protections history: one write spans both
+    size = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    # PROT_READ|WRITE|EXEC on the second page only splits the mapping in two VMAs (both writable)
+    assert libc.mprotect(ctypes.c_void_p(base + size), size, 7) == 0
+    with TargetMemory(os.getpid()) as mem:
+        mem.write(base + size - 2, b"wxyz")
+    assert region[size - 2:size + 2] == b"wxyz"
+
+
 @pytest.mark.parametrize("address", [0, 8, (1 << 64) - 4])
-def test_target_memory_bad_read_is_efault(address: int, pinned: bool) -> None:
-    with TargetMemory(os.getpid(), pinned=pinned) as mem, pytest.raises(OSError) as info:
+def test_target_memory_bad_read_is_efault(address: int) -> None:
+    with TargetMemory(os.getpid()) as mem, pytest.raises(OSError) as info:
         mem.read(address, 8)
     assert info.value.errno == errno.EFAULT
 
 
-def test_target_memory_write_to_read_only_page_is_efault() -> None:
+def test_target_memory_write_to_read_only_page_is_efault(maps_mode: str) -> None:
     text = ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value
     assert text is not None
+    before = ctypes.string_at(text, 1)
     with TargetMemory(os.getpid()) as mem, pytest.raises(OSError) as info:
         mem.write(text, b"\0")
     assert info.value.errno == errno.EFAULT
+    assert ctypes.string_at(text, 1) == before
+
+
+def test_target_memory_write_partly_read_only_writes_nothing(maps_mode: str) -> None:
+    size = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(ctypes.c_void_p(base + size), size, mmap.PROT_READ) == 0
+    with TargetMemory(os.getpid()) as mem, pytest.raises(OSError) as info:
+        mem.write_many([(base, b"ok"), (base + size - 1, b"ab")])
+    assert info.value.errno == errno.EFAULT
+    assert region[:2] == b"\0\0"
+
+
+_PEEK_CHILD = """
+import ctypes, sys
+buf = ctypes.create_string_buffer(b"untouched", 9)
+print(ctypes.addressof(buf), flush=True)
+sys.stdin.readline()
+print(buf.raw.decode(), flush=True)
+"""
+
+
+def _spawn_with_pid(pid: int) -> subprocess.Popen[str] | None:
+    """A child that gets PID ``pid`` (``ns_last_pid``, root only); None when another process took it first."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    child = subprocess.Popen([sys.executable, "-c", _PEEK_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    if child.pid == pid:
+        return child
+    child.kill()
+    child.wait()
+    return None
+
+
+def test_target_memory_never_writes_into_a_process_that_reused_the_tid() -> None:
+    # review issue 8.3: writes go through /proc/TID/mem opened up front, never by TID (process_vm_writev)
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (ns_last_pid)")
+    for _ in range(20):
+        first = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"],
+                                 stdin=subprocess.PIPE)
+        mem = TargetMemory(first.pid)  # the caller, pinned
+        first.kill()
+        first.wait()
+        second = _spawn_with_pid(first.pid)
+        if second is None:
+            mem.close()
+            continue
+        try:
+            assert second.stdout is not None and second.stdin is not None
+            address = int(second.stdout.readline())
+            with pytest.raises(OSError) as info:
+                mem.write(address, b"OVERWRITE")
+            assert info.value.errno == errno.EFAULT
+            second.stdin.write("\n")
+            second.stdin.flush()
+            assert second.stdout.readline().strip() == "untouched"
+        finally:
+            mem.close()
+            second.kill()
+            second.wait()
+        return
+    pytest.fail("could not get a recycled PID in 20 tries")
+
+
+# ---------------------------------------------------------------------------------------------- pidfds
+
+
+def _thread_pid() -> tuple[int, threading.Event, threading.Thread]:
+    ready, done = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def body() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    ready.wait(10)
+    return tids[0], done, thread
+
+
+def test_pidfd_open_of_a_thread_without_pidfd_thread_uses_its_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    # review issue 8.7: kernels before 6.9 refuse PIDFD_THREAD (EINVAL) and non-leader TIDs; the thread's group
+    # (Tgid) shares the fd table, so pidfd_getfd still works
+    monkeypatch.setattr(usernotif, "PIDFD_THREAD", 1 << 30)  # an unknown flag: EINVAL, as before 6.9
+    tid, done, thread = _thread_pid()
+    try:
+        assert tid != os.getpid()
+        r, w = os.pipe()
+        pidfd = usernotif.pidfd_open(tid)
+        try:
+            copy = usernotif.pidfd_getfd(pidfd, r)
+            assert os.fstat(copy).st_ino == os.fstat(r).st_ino
+            os.close(copy)
+        finally:
+            os.close(pidfd)
+            os.close(r)
+            os.close(w)
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_caller_fd_takes_a_copy_and_checks_id_valid() -> None:
+    r, w = os.pipe()
+    try:
+        copy = caller_fd(RecordingListener(), notification(42, r), r)
+        assert os.fstat(copy).st_ino == os.fstat(r).st_ino
+        os.close(copy)
+        with pytest.raises(OSError) as gone:
+            caller_fd(RecordingListener(valid=False), notification(42, r), r)
+        assert gone.value.errno == errno.ESRCH
+        with pytest.raises(OSError) as bad:
+            caller_fd(RecordingListener(), notification(42, 999), 999)
+        assert bad.value.errno == errno.EBADF
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 # ---------------------------------------------------------------------------------------------- NSM device
@@ -231,7 +392,7 @@ class RawCall:
 
 def serve(device: NSMDevice, arg: int, valid: bool = True) -> int:
     listener = RecordingListener(valid)
-    with TargetMemory(os.getpid(), pinned=False) as mem:
+    with TargetMemory(os.getpid()) as mem:
         return device._serve(listener, notification(16, 3, NSM_IOCTL_RAW, arg), mem)
 
 
@@ -268,6 +429,41 @@ def test_nsm_device_bad_request_pointer_is_efault() -> None:
     call.raw.raw = struct.pack("<QQQQ", 8, 12, ctypes.addressof(call.response), 16)
     assert serve(device, call.address) == errno.EFAULT
     assert device.executed == 0
+
+
+def test_nsm_device_copies_the_whole_struct_back() -> None:
+    # review issue 8.9: the driver copies all 32 bytes of struct nsm_raw back, so a struct whose first 24 bytes
+    # are read-only is EFAULT (copy_to_user fails) even though response.len alone is writable
+    size = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    call = RawCall(msg.DescribeNSMRequest().to_bytes())
+    arg = base + size - 24
+    region[size - 24:size + 8] = call.raw.raw
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(ctypes.c_void_p(base), size, mmap.PROT_READ) == 0
+    device = NSMDevice(FakeNSM(), (0, 0))
+    assert serve(device, arg) == errno.EFAULT
+    assert device.executed == 1  # as with the driver, the request has run
+
+
+def test_getsockname_with_no_room_reports_the_length(tmp_path: Path) -> None:
+    # review issue 8.9: getsockname(fd, NULL, &0) succeeds and sets the length (move_addr_to_user)
+    translator = VsockTranslator(tmp_path, 16)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    st = os.fstat(sock.fileno())
+    translator._sockets[(st.st_dev, st.st_ino)] = _VSocket()
+    length = ctypes.c_uint32(0)
+    listener = RecordingListener()
+    server = NotificationServer(listener, {})
+    try:
+        translator.handle(server, notification(51, sock.fileno(), 0, ctypes.addressof(length)), "getsockname")
+    finally:
+        sock.close()
+        server.close()
+    assert listener.answers == [("respond", 7, 0)]
+    assert length.value == 16
 
 
 def test_nsm_device_skips_a_caller_killed_before_execution() -> None:
