@@ -7,32 +7,41 @@ Steps, each timed:
    (:mod:`enclavekit.runtime.pyroot`), then an EIF (``build-enclave``).  A *changed* image is built too: the same
    application with one line added, hence another PCR0.  Both EIFs are cached in ``<state>/quickstart/`` under a
    fingerprint of the application, enclavekit's sources and the Python version, so later runs skip this step.
+   Each cache entry has a lock file (``<fingerprint>.lock``): a run holds it shared while it uses the entry and
+   exclusive while it builds it; an entry is built in a temporary directory and renamed into place, and only
+   entries unused for a day and not locked are evicted.
 2. **kms**: ``kms serve`` on 127.0.0.1 (SQLite in a temporary data directory, audit trail in ``<data>/audit``,
    attestation trusted through a temporary local CA in a temporary state directory).
 3. **proxy**: ``vsock-proxy`` forwarding vsock (3, 8000) to the KMS port, with an allow-list naming only it.
 4. **key**: credentials (``kms create-credentials``), a key whose policy allows ``kms:Decrypt`` only with
    ``kms:RecipientAttestation:ImageSha384`` = the image's PCR0 (StringEqualsIgnoreCase), and a secret encrypted
-   under it with boto3.
+   under it with boto3.  The first statement allows everything *but* kms:Decrypt and kms:ReEncrypt*.
+4b. **parent**: the parent itself is denied too: Decrypt without ``Recipient`` and ReEncrypt to a key of its
+   own (which would let it decrypt the copy) are both refused with AccessDeniedException.
 5. **enclave**: ``run-enclave`` of the image; the application receives the credentials and ciphertext on vsock
    (3, 7200), attests, decrypts through the proxy and answers with its attestation facts and the secret's
    SHA-256.  The parent checks the hash against the secret it encrypted.
 6. **denied**: the changed image makes the same call; KMS refuses with AccessDeniedException naming the
    statement and condition.
 7. **audit**: the KMS is stopped (its trail writes a final signed digest) and ``audit validate`` checks the trail;
-   the Decrypt events (one allowed, one denied) are counted.
+   the Decrypt events (one allowed; two denied: the parent's and the changed image's) and the denied ReEncrypt
+   are counted.
 
 Everything started is stopped by PID (enclaves with ``terminate-enclave --all`` in the private run directory),
 and the temporary directories are removed, also on failure, SIGTERM and Ctrl-C (``--keep`` keeps the work
-directory for inspection).  Progress goes to stderr; ``--json`` prints one JSON object on stdout; the exit status
-is non-zero on any failure.
+directory for inspection).  Progress goes to stderr; ``--json`` prints one JSON object on stdout, also on failure
+(``{"Result": "FAILED", "FailedStep": ..., "Error": ...}``); the exit status is non-zero on any failure (130 for
+Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -44,10 +53,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
+from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
@@ -62,6 +72,7 @@ __all__ = [
     "QuickstartError",
     "Quickstart",
     "enclave_key_policy",
+    "PLAINTEXT_ACTIONS",
     "find_example",
     "run_quickstart",
     "JOB_PORT",
@@ -75,6 +86,9 @@ ENDPOINT = f"http://kms.{REGION}.amazonaws.com"   # Host and SigV4 name; plain H
 ENCLAVE_MEMORY_MIB = 384
 SECRET = b"enclavekit quickstart: this secret is released only to the measured image"
 _CHANGE = "\n# a changed build: one more line, so another PCR0\n"
+CACHE_MAX_AGE = 86400.0   # seconds: cached images unused this long (and not in use) are evicted
+CACHE_MAX_ENTRIES = 3     # and beyond this many entries (~80 MiB each), the least recently used unlocked ones
+KMS_START_TIMEOUT = 60.0  # seconds to wait for kms serve's {"Endpoint": ...} line
 
 
 class QuickstartError(EnclaveKitError):
@@ -83,17 +97,27 @@ class QuickstartError(EnclaveKitError):
     code = "E00"
 
 
+# Every action that returns (or moves) a plaintext the key protects.  kms:ReEncryptFrom decrypts the blob under
+# this key and re-encrypts it under a key the caller chooses, which the caller may then Decrypt freely: excluding
+# only kms:Decrypt would hand the secret to the parent.  The GenerateDataKey* actions make new keys: no leak.
+PLAINTEXT_ACTIONS = ("kms:Decrypt", "kms:ReEncrypt*")
+
+
 def enclave_key_policy(principal_arn: str, pcr0: str) -> dict[str, Any]:
     """A key policy: ``principal_arn`` administers and encrypts; Decrypt only for an enclave whose PCR0 is ``pcr0``.
 
-    spec §4.5: ``kms:RecipientAttestation:ImageSha384`` is PCR0 in lowercase hex; AWS recommends
-    StringEqualsIgnoreCase.  Without a valid attestation document the key is absent and the condition fails.
+    The first statement allows everything except :data:`PLAINTEXT_ACTIONS` (Decrypt and ReEncryptFrom /
+    ReEncryptTo); the second allows only kms:Decrypt, and only under the PCR0 condition, so the parent can neither
+    decrypt nor re-encrypt the secret to a key of its own.  spec §4.5: ``kms:RecipientAttestation:ImageSha384``
+    is PCR0 in lowercase hex; AWS recommends StringEqualsIgnoreCase.  Without a valid attestation document (no
+    ``Recipient``) the key is absent and the condition fails.  Whoever may ``kms:PutKeyPolicy`` can still replace
+    this policy: in production the key's administrator should not be the parent instance's role.
     """
     return {
         "Version": "2012-10-17",
         "Statement": [
             {"Sid": "AdministerAndEncrypt", "Effect": "Allow", "Principal": {"AWS": principal_arn},
-             "NotAction": "kms:Decrypt", "Resource": "*"},
+             "NotAction": list(PLAINTEXT_ACTIONS), "Resource": "*"},
             {"Sid": "DecryptOnlyInTheMeasuredEnclave", "Effect": "Allow", "Principal": {"AWS": principal_arn},
              "Action": "kms:Decrypt", "Resource": "*",
              "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": pcr0.lower()}}},
@@ -127,12 +151,68 @@ def _fingerprint(app: Path) -> str:
     return h.hexdigest()[:32]
 
 
+def _cached_images(entry: Path) -> dict[str, Any] | None:
+    """The images recorded in ``entry/images.json`` if it is complete, else None."""
+    try:
+        cached: dict[str, Any] = json.loads((entry / "images.json").read_text())
+        if all(Path(cached[k]["Path"]).is_file() for k in ("App", "Changed")):
+            cached["Cached"] = True
+            return cached
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _last_use(entry: Path) -> float:
+    marker = entry / "images.json"
+    try:
+        return (marker if marker.exists() else entry).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _evict(base: Path, *, keep: str, now: float, max_age: float = CACHE_MAX_AGE,
+           max_entries: int = CACHE_MAX_ENTRIES) -> list[str]:
+    """Remove cache entries other than ``keep`` that were last used more than ``max_age`` seconds before ``now``,
+    or that are beyond the ``max_entries`` most recently used (``keep`` counts as one), and that no run holds
+    (their lock is taken exclusively without waiting); returns the names removed."""
+    removed: list[str] = []
+    entries: list[Path] = []
+    for path in sorted(base.iterdir()):
+        if not path.is_dir() or path.name == keep:
+            continue
+        if path.name.startswith("."):
+            # a staging directory: a crashed build's if old (a build takes minutes, not a day)
+            with suppress(OSError):
+                if now - path.stat().st_mtime > max_age:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+            continue
+        entries.append(path)
+    entries.sort(key=_last_use, reverse=True)
+    for rank, path in enumerate(entries, start=2):  # rank 1 is ``keep``
+        if rank <= max_entries and now - _last_use(path) <= max_age:
+            continue
+        try:
+            with (base / f"{path.name}.lock").open("ab") as lock:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use or being built by another run
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        except OSError:
+            continue
+    return removed
+
+
 @dataclass
 class Step:
     name: str
     title: str
     seconds: float = 0.0
     detail: str = ""
+    failed: bool = False
 
 
 @dataclass
@@ -145,9 +225,12 @@ class Quickstart:
     keep: bool = False
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="enclavekit-quickstart-")))
     steps: list[Step] = field(default_factory=list)
-    _kms: subprocess.Popen[str] | None = None
+    _kms: subprocess.Popen[bytes] | None = None
     _proxy: subprocess.Popen[bytes] | None = None
     _enclaves_started: bool = False
+    _cache_lock: IO[bytes] | None = None
+    _client: Any = None
+    current: str = ""
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -184,14 +267,24 @@ class Quickstart:
 
     @contextmanager
     def step(self, name: str, title: str) -> Iterator[Step]:
+        """Time one step; a failure prints its own line and any foreign exception becomes a QuickstartError."""
         current = Step(name, title)
+        self.current = name
         self.progress(f"[bold]{title}[/bold] ...")
         start = time.monotonic()
         try:
             yield current
-        finally:
+        except BaseException as exc:
+            current.failed = True
             current.seconds = round(time.monotonic() - start, 2)
             self.steps.append(current)
+            how = "interrupted" if isinstance(exc, (KeyboardInterrupt, _Terminated)) else "failed"
+            self.progress(f"  [red]{how}[/red] after {current.seconds:.1f} s" + (f": {exc}" if str(exc) else ""))
+            if isinstance(exc, Exception) and not isinstance(exc, EnclaveKitError):
+                raise QuickstartError(f"step '{name}' ({title}) failed: {type(exc).__name__}: {exc}") from exc
+            raise
+        current.seconds = round(time.monotonic() - start, 2)
+        self.steps.append(current)
         detail = f": {current.detail}" if current.detail else ""
         self.progress(f"  [green]done[/green] in {current.seconds:.1f} s{detail}")
 
@@ -212,36 +305,61 @@ class Quickstart:
         (self.run_dir / "vsock" / "3").mkdir(parents=True)
 
     def build(self) -> dict[str, Any]:
-        """Step 1: the EIFs of the application and of the changed application (cached)."""
-        cache = state.state_home() / "quickstart" / _fingerprint(self.app)
-        images = cache / "images.json"
-        if self.use_cache and images.is_file():
-            cached: dict[str, Any] = json.loads(images.read_text())
-            if all(Path(cached[k]["Path"]).is_file() for k in ("App", "Changed")):
-                cached["Cached"] = True
-                return cached
+        """Step 1: the EIFs of the application and of the changed application (cached, see the module doc)."""
+        base = state.state_home() / "quickstart"
+        base.mkdir(parents=True, exist_ok=True)
+        fingerprint = _fingerprint(self.app)
+        entry = base / fingerprint
+        # held shared until cleanup: the entry is in use, no other run may replace or evict it
+        lock = (base / f"{fingerprint}.lock").open("ab")
+        self._cache_lock = lock
+        fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
+        images = _cached_images(entry) if self.use_cache else None
+        if images is None:
+            # one build of an entry at a time: a concurrent run waits here, then finds the entry built
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.progress(f"  waiting for another quickstart using or building {entry} ...")
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            images = _cached_images(entry) if self.use_cache else None
+            if images is None:
+                images = self._build_entry(entry)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
+        with suppress(OSError):
+            os.utime(entry / "images.json")  # last use, for eviction
+        _evict(base, keep=fingerprint, now=time.time())
+        return images
+
+    def _build_entry(self, entry: Path) -> dict[str, Any]:
+        """Build both EIFs into a temporary directory beside ``entry``, then rename it into place (exclusive lock
+        held by the caller)."""
         build = self.work / "build"
         root = build / "rootfs"
         app = build / "main.py"
         build.mkdir()
         shutil.copyfile(self.app, app)
         build_python_rootfs(root, scripts=[app])
-        # one cached pair at a time: images of older code are of no further use (each pair is ~80 MiB)
-        for stale in cache.parent.glob("*"):
-            if stale.is_dir() and stale.name != cache.name:
-                shutil.rmtree(stale, ignore_errors=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        out: dict[str, Any] = {}
-        for name, eif in (("App", cache / "quickstart.eif"), ("Changed", cache / "quickstart-changed.eif")):
-            if name == "Changed":
-                target = root / "app" / "main.py"
-                target.write_text(target.read_text() + _CHANGE)
-            result = json.loads(self.cli_ok("build-enclave", "--docker-uri", f"dir:{root}", "--output-file",
-                                            str(eif), "--name", "quickstart", "--cmd",
-                                            json.dumps(["/usr/bin/python3", "/app/main.py"])))
-            out[name] = {"Path": str(eif), "Measurements": result["Measurements"]}
-        shutil.rmtree(build, ignore_errors=True)
-        images.write_text(json.dumps(out, indent=2))
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            out: dict[str, Any] = {}
+            for name, file in (("App", "quickstart.eif"), ("Changed", "quickstart-changed.eif")):
+                if name == "Changed":
+                    target = root / "app" / "main.py"
+                    target.write_text(target.read_text() + _CHANGE)
+                result = json.loads(self.cli_ok("build-enclave", "--docker-uri", f"dir:{root}", "--output-file",
+                                                str(staging / file), "--name", "quickstart", "--cmd",
+                                                json.dumps(["/usr/bin/python3", "/app/main.py"])))
+                out[name] = {"Path": str(entry / file), "Measurements": result["Measurements"]}
+            (staging / "images.json").write_text(json.dumps(out, indent=2))
+            if entry.exists():
+                shutil.rmtree(entry)  # incomplete or --no-cache: nobody else holds the lock
+            os.rename(staging, entry)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
         out["Cached"] = False
         return out
 
@@ -249,15 +367,23 @@ class Quickstart:
         """Step 2: ``kms serve``; returns its endpoint URL."""
         self.kms_data.mkdir()
         log = (self.work / "kms.stderr").open("w")
-        self._kms = subprocess.Popen([*_cli(), "kms", "serve", "--port", "0", "--data-dir", str(self.kms_data)],
-                                     stdout=subprocess.PIPE, stderr=log, text=True, env=self.env())
+        kms = subprocess.Popen([*_cli(), "kms", "serve", "--port", "0", "--data-dir", str(self.kms_data)],
+                               stdout=subprocess.PIPE, stderr=log, bufsize=0, env=self.env())
+        self._kms = kms
         log.close()
-        assert self._kms.stdout is not None
-        line = self._kms.stdout.readline()
+        assert kms.stdout is not None
+        line = _read_line(kms.stdout, KMS_START_TIMEOUT)
+        if line is None:
+            raise QuickstartError(f"kms serve did not print its endpoint within {KMS_START_TIMEOUT:.0f} s: "
+                                  f"{(self.work / 'kms.stderr').read_text()[-1500:]}")
         if not line:
-            self._kms.wait(10)
+            with suppress(subprocess.TimeoutExpired):
+                kms.wait(10)
             raise QuickstartError(f"kms serve did not start: {(self.work / 'kms.stderr').read_text()[-1500:]}")
-        endpoint: str = json.loads(line)["Endpoint"]
+        try:
+            endpoint: str = json.loads(line)["Endpoint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuickstartError(f"kms serve printed {line[:200]!r}, not its endpoint") from exc
         return endpoint
 
     def start_proxy(self, kms_port: int) -> None:
@@ -287,8 +413,36 @@ class Quickstart:
         key = client.create_key(Policy=json.dumps(policy), Description="enclavekit quickstart")["KeyMetadata"]
         blob = client.encrypt(KeyId=key["KeyId"], Plaintext=SECRET,
                               EncryptionContext={"app": "quickstart"})["CiphertextBlob"]
+        self._client = client
         return {"Credentials": creds, "KeyId": key["KeyId"], "KeyArn": key["Arn"], "Ciphertext": blob,
                 "Policy": policy}
+
+    def parent_denied(self, key: dict[str, Any]) -> dict[str, str]:
+        """Step 4b: the parent's own Decrypt (no Recipient) and ReEncrypt to a key of its own must be refused."""
+        client = self._client
+        own = client.create_key(Description="enclavekit quickstart: a key of the parent's own")["KeyMetadata"]
+        context = {"app": "quickstart"}
+        attempts: dict[str, Callable[[], Any]] = {
+            "Decrypt": lambda: client.decrypt(CiphertextBlob=key["Ciphertext"], EncryptionContext=context),
+            "ReEncrypt": lambda: client.re_encrypt(CiphertextBlob=key["Ciphertext"], SourceEncryptionContext=context,
+                                                   DestinationKeyId=own["KeyId"]),
+        }
+        refused: dict[str, str] = {}
+        for operation, attempt in attempts.items():
+            try:
+                attempt()
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                if error.get("Code") != "AccessDeniedException":
+                    raise QuickstartError(f"the parent's {operation} failed with {error.get('Code')}, not "
+                                          f"AccessDeniedException: {error.get('Message')}") from exc
+                refused[operation] = f"AccessDeniedException: {error.get('Message', '')}"
+                continue
+            except BotoCoreError as exc:
+                raise QuickstartError(f"the parent's {operation} request failed: {exc}") from exc
+            raise QuickstartError(f"the parent's own {operation} succeeded: the key policy releases the secret "
+                                  "outside the measured enclave")
+        return refused
 
     def run_enclave(self, eif: str, job: dict[str, Any]) -> dict[str, Any]:
         """Steps 5 and 6: start ``eif``, hand its application the job on (3, 7200), collect the answer."""
@@ -331,7 +485,8 @@ class Quickstart:
         if self._kms is not None:
             _stop(self._kms)
             if self._kms.stdout is not None:
-                self._kms.stdout.close()
+                with suppress(OSError):
+                    self._kms.stdout.close()
             self._kms = None
 
     def audit(self) -> dict[str, Any]:
@@ -348,21 +503,37 @@ class Quickstart:
                                         "--json", "--public-key", str(pem)))
         allowed = [e for e in events if not e.get("errorCode")]
         denied = [e for e in events if e.get("errorCode")]
+        reencrypt = json.loads(self.cli_ok("audit", "events", "--trail", str(trail), "--event-name", "ReEncrypt",
+                                           "--json", "--public-key", str(pem)))
         return {"Trail": str(trail), "Valid": True, "Report": validate.stdout.strip().splitlines()[-3:],
                 "DecryptEvents": len(events), "Allowed": len(allowed), "Denied": len(denied),
-                "DeniedErrorCodes": sorted({str(e.get("errorCode")) for e in denied})}
+                "DeniedErrorCodes": sorted({str(e.get("errorCode")) for e in denied}),
+                "ReEncryptEvents": len(reencrypt),
+                "ReEncryptDenied": sum(1 for e in reencrypt if e.get("errorCode"))}
 
-    def cleanup(self) -> None:
-        """Stop what this run started (by PID), terminate its enclaves, remove its temporary directories."""
+    def cleanup(self) -> list[str]:
+        """Stop what this run started (by PID), terminate its enclaves, release the image cache entry, remove the
+        temporary directories.  Every part runs even if another fails; returns the failures' descriptions."""
+        problems: list[str] = []
+
+        def attempt(what: str, action: Callable[[], Any]) -> None:
+            try:
+                action()
+            except Exception as exc:  # clean-up goes on; the failure is reported
+                problems.append(f"{what}: {type(exc).__name__}: {exc}")
+
         if self._enclaves_started and self.run_dir.exists():
-            with suppress(QuickstartError):
-                self.cli("terminate-enclave", "--all", timeout=120)
+            attempt("terminate-enclave --all", lambda: self.cli("terminate-enclave", "--all", timeout=120))
         if self._proxy is not None:
-            _stop(self._proxy)
-            self._proxy = None
-        self.stop_kms()
+            proxy, self._proxy = self._proxy, None
+            attempt("vsock-proxy", lambda: _stop(proxy))
+        attempt("kms serve", self.stop_kms)
+        if self._cache_lock is not None:
+            lock, self._cache_lock = self._cache_lock, None
+            attempt("image cache lock", lock.close)
         if not self.keep:
-            shutil.rmtree(self.work, ignore_errors=True)
+            attempt("work directory", lambda: shutil.rmtree(self.work))
+        return problems
 
     # ----------------------------------------------------------------------------------------- run
 
@@ -374,12 +545,12 @@ class Quickstart:
         with self.step("build", "Building the example enclave image and a changed one (EIF)") as s:
             images = self.build()
             app, changed = images["App"]["Measurements"], images["Changed"]["Measurements"]
+            if app["PCR0"] == changed["PCR0"]:
+                raise QuickstartError("the changed image has the same PCR0 as the original")
             s.detail = ("cached" if images["Cached"] else "built") + f"; PCR0 {app['PCR0'][:16]}..."
         summary["Image"] = {"Path": images["App"]["Path"], "PCR0": app["PCR0"], "PCR1": app["PCR1"],
                             "PCR2": app["PCR2"], "Cached": images["Cached"]}
         summary["ChangedImage"] = {"Path": images["Changed"]["Path"], "PCR0": changed["PCR0"]}
-        if app["PCR0"] == changed["PCR0"]:
-            raise QuickstartError("the changed image has the same PCR0 as the original")
         with self.step("kms", "Starting the KMS (SQLite, local CA, audit trail)") as s:
             endpoint = self.start_kms()
             s.detail = endpoint
@@ -391,6 +562,10 @@ class Quickstart:
             s.detail = key["KeyId"]
         summary["KeyId"], summary["KeyArn"] = key["KeyId"], key["KeyArn"]
         summary["Condition"] = {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": app["PCR0"]}}
+        summary["Policy"] = key["Policy"]
+        with self.step("parent", "The parent itself is denied too: Decrypt without Recipient, ReEncrypt") as s:
+            summary["ParentDenied"] = self.parent_denied(key)
+            s.detail = "Decrypt and ReEncrypt both AccessDeniedException"
         job = {"region": REGION, "endpoint": ENDPOINT, "proxy_port": PROXY_PORT, "credentials": {
             "AccessKeyId": key["Credentials"]["AccessKeyId"],
             "SecretAccessKey": key["Credentials"]["SecretAccessKey"]},
@@ -411,19 +586,41 @@ class Quickstart:
             denied = self.run_enclave(images["Changed"]["Path"], job)
             if denied.get("Error") != "AccessDeniedException":
                 raise QuickstartError(f"the changed image was not denied: {json.dumps(denied)[:500]}")
+            if denied.get("Attestation", {}).get("PCR0") != changed["PCR0"]:
+                raise QuickstartError("the changed image's attestation document does not carry its PCR0")
             s.detail = f"{denied['Error']}: {denied.get('Message', '')}"
         summary["Denied"] = denied
         with self.step("audit", "Validating the KMS audit trail") as s:
             self.stop_kms()  # its trail writes the final digest on shutdown
             audit = self.audit()
-            if audit["Allowed"] < 1 or audit["Denied"] < 1:
-                raise QuickstartError(f"the audit trail lacks the Decrypt events: {audit}")
-            s.detail = f"valid; {audit['Allowed']} allowed and {audit['Denied']} denied Decrypt events"
+            if audit["Allowed"] < 1 or audit["Denied"] < 2 or audit["ReEncryptDenied"] < 1:
+                raise QuickstartError(f"the audit trail lacks the Decrypt/ReEncrypt events: {audit}")
+            s.detail = (f"valid; {audit['Allowed']} allowed and {audit['Denied']} denied Decrypt events, "
+                        f"{audit['ReEncryptDenied']} denied ReEncrypt")
         summary["Audit"] = audit
         summary["Result"] = "SUCCESS"
         summary["Steps"] = [{"Name": st.name, "Title": st.title, "Seconds": st.seconds} for st in self.steps]
         summary["TotalSeconds"] = round(time.monotonic() - started, 2)
         return summary
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> str | None:
+    """The first line ``stream`` (unbuffered) delivers within ``timeout`` s; "" at end of file; None on timeout."""
+    fd = stream.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in data and len(data) < 65536:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -456,11 +653,18 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("PCR2", summary["Image"]["PCR2"])
     table.add_row("changed image PCR0", summary["ChangedImage"]["PCR0"])
     table.add_row("key", summary["KeyArn"])
+    for operation, outcome in summary["ParentDenied"].items():
+        table.add_row(f"parent's own {operation}", outcome)
     enclave = summary["Enclave"]
     table.add_row("enclave", f"{enclave['EnclaveID']} (module_id {enclave['Attestation'].get('ModuleId')})")
+    table.add_row("enclave attested PCR0", str(enclave["Attestation"].get("PCR0")))
     table.add_row("enclave said", enclave["Message"])
-    table.add_row("changed image", f"{summary['Denied']['Error']}: {summary['Denied'].get('Message', '')}")
-    table.add_row("audit trail", f"valid, {summary['Audit']['DecryptEvents']} Decrypt events")
+    denied = summary["Denied"]
+    table.add_row("changed image attested PCR0", str(denied.get("Attestation", {}).get("PCR0")))
+    table.add_row("changed image", f"{denied['Error']}: {denied.get('Message', '')}")
+    audit = summary["Audit"]
+    table.add_row("audit trail", f"valid, {audit['DecryptEvents']} Decrypt events ({audit['Denied']} denied), "
+                  f"{audit['ReEncryptDenied']} denied ReEncrypt; {audit['Trail']}")
     for st in summary["Steps"]:
         table.add_row(f"time: {st['Name']}", f"{st['Seconds']:.1f} s")
     table.add_row("total", f"{summary['TotalSeconds']:.1f} s")
@@ -469,7 +673,12 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
 
 def run_quickstart(*, json_output: bool = False, keep: bool = False, use_cache: bool = True,
                    examples: Path | None = None) -> int:
-    """The ``enclavekit quickstart`` command: run, print, clean up; returns the exit status."""
+    """The ``enclavekit quickstart`` command: run, print, clean up; returns the exit status.
+
+    Any failure (an enclavekit error, any other exception, Ctrl-C, SIGTERM) still cleans up and, with
+    ``json_output``, still prints one ``{"Result": "FAILED", ...}`` object; enclavekit errors are then re-raised
+    (``[ EXX ]`` line and status), Ctrl-C returns 130 and SIGTERM 143 (128 + the signal number).
+    """
     console = Console(stderr=True, highlight=False)
     app = find_example(examples)
     qs = Quickstart(app=app, progress=console.print, use_cache=use_cache, keep=keep)
@@ -482,27 +691,44 @@ def run_quickstart(*, json_output: bool = False, keep: bool = False, use_cache: 
     error: BaseException | None = None
     try:
         summary = qs.run()
-    except (EnclaveKitError, _Terminated, KeyboardInterrupt) as exc:
+    except (Exception, _Terminated, KeyboardInterrupt) as exc:
         error = exc
-        summary = {"Result": "FAILED", "Error": str(exc) or type(exc).__name__,
-                   "Steps": [{"Name": s.name, "Title": s.title, "Seconds": s.seconds} for s in qs.steps]}
+        if isinstance(exc, Exception) and not isinstance(exc, EnclaveKitError):
+            # outside a step (steps translate their own): name where the run was
+            error = QuickstartError(f"after step '{qs.current or 'start'}': {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        summary = {"Result": "FAILED", "FailedStep": qs.current or None,
+                   "Error": str(error) or type(error).__name__,
+                   "Steps": [{"Name": s.name, "Title": s.title, "Seconds": s.seconds, "Failed": s.failed}
+                             for s in qs.steps]}
     finally:
-        console.print("Cleaning up (enclaves, vsock-proxy, KMS, temporary directories) ...")
-        qs.cleanup()
-        signal.signal(signal.SIGTERM, previous)
+        # a second SIGTERM must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            console.print("Cleaning up (enclaves, vsock-proxy, KMS, temporary directories) ...")
+            problems = qs.cleanup()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    for problem in problems:
+        console.print(f"[yellow]clean-up:[/yellow] {problem}")
     if keep:
         summary["WorkDirectory"] = str(qs.work)
     else:
         summary.pop("WorkDirectory", None)
+        if isinstance(summary.get("Audit"), dict):
+            summary["Audit"]["Trail"] = "removed"  # it was in the work directory; --keep keeps it
     if json_output:
         print(json.dumps(summary, indent=2))
     if error is not None:
         if isinstance(error, EnclaveKitError):
             raise error
+        if isinstance(error, _Terminated):
+            console.print("[red]terminated[/red] (SIGTERM)")
+            return 128 + signal.SIGTERM
         console.print("[red]interrupted[/red]")
         return 130
     if not json_output:
         _print_summary(console, summary)
     console.print("[green]quickstart succeeded[/green]: the measured image decrypted the secret, the changed "
-                  "image was denied, the audit trail is valid.")
+                  "image and the parent itself were denied, the audit trail is valid.")
     return 0

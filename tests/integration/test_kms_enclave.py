@@ -10,7 +10,9 @@ PCR0 (StringEqualsIgnoreCase), so:
 
 * the image itself decrypts (SDK and kmstool);
 * the same application with one byte changed (another PCR0) is denied, and the denial names the condition;
-* the right image in --debug-mode (PCR0 reads as zeros) is denied.
+* the right image in --debug-mode (PCR0 reads as zeros) is denied;
+* the parent itself (same credentials, no attestation) can neither Decrypt nor ReEncrypt the secret to a key of
+  its own (issue 7: a policy excluding only kms:Decrypt would have allowed kms:ReEncryptFrom).
 
 Clean-up: ``terminate-enclave --all``, then the proxy and the KMS are stopped by PID.  Needs root (the sandbox);
 without it the test FAILS.
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from kms_support import KMSServer
 
 from enclavekit.quickstart import enclave_key_policy
@@ -255,3 +258,20 @@ def test_a_debug_mode_enclave_is_denied(world: World, images: dict[str, tuple[Pa
     kmstool = world.run_job(images["app"][0], world.job("kmstool"), debug=True)
     assert kmstool["status"] == 84 and kmstool["stdout"] == ""
     assert "AccessDeniedException" in kmstool["stderr"]
+
+
+def test_the_parent_itself_can_neither_decrypt_nor_reencrypt(world: World) -> None:
+    client = world.kms.client(world.creds)
+    own = client.create_key(Description="the parent's own key")["KeyMetadata"]["KeyId"]
+    with pytest.raises(ClientError) as decrypt:
+        client.decrypt(CiphertextBlob=world.ciphertext)
+    assert decrypt.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "kms:Decrypt" in decrypt.value.response["Error"]["Message"]
+    # ReEncrypt checks kms:ReEncryptFrom on the source key: the policy must not grant it to the parent
+    with pytest.raises(ClientError) as reencrypt:
+        client.re_encrypt(CiphertextBlob=world.ciphertext, DestinationKeyId=own)
+    assert reencrypt.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "kms:ReEncryptFrom" in reencrypt.value.response["Error"]["Message"]
+    # what the parent may still do: encrypt, and make data keys (new keys, nothing the policy protects)
+    assert client.encrypt(KeyId=world.key_id, Plaintext=b"x")["CiphertextBlob"]
+    assert len(client.generate_data_key(KeyId=world.key_id, KeySpec="AES_256")["Plaintext"]) == 32

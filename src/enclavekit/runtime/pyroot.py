@@ -28,7 +28,15 @@ files keep their source.
 
 The result depends on the host's Python (same interpreter version inside as on the host) and on the host's
 architecture and C library; it is meant for enclavekit's sandbox and for images whose base is the same
-distribution.  Reproducible for a given host: the file list is sorted and the bytecode does not embed times.
+distribution.
+
+Reproducible for a given host (two builds of the same application give byte-identical trees, hence the same
+PCR0): the file list is sorted; each ``.pyc`` records its path *inside the image* (``co_filename``), not the build
+directory's; the header holds a source hash, not an mtime (``UNCHECKED_HASH``); and everything is compiled by one
+fresh interpreter (``PYTHONHASHSEED=0``, no site, no user environment) in sorted order.  The last point matters:
+:mod:`marshal` writes a back-reference for an object whose reference count is above one, so bytecode compiled
+inside a long-running process (the one that just ran :mod:`modulefinder`) depends on what that process happened
+to hold, and the hash seed decides the order of frozenset constants.
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import modulefinder
 import os
-import py_compile
 import re
 import shutil
 import subprocess
@@ -60,6 +68,17 @@ _ALWAYS_PACKAGES = ("encodings",)
 # large (tkinter drags in libtk/libX11).  More names with ``--exclude``.
 DEFAULT_EXCLUDES = ("tkinter", "_tkinter", "idlelib", "turtle", "turtledemo", "test", "lib2to3", "distutils",
                     "pydoc", "pydoc_data", "ensurepip", "doctest", "pdb", "unittest", "venv")
+# run by a fresh interpreter: compiles the (source, cfile, dfile) triples read as JSON from stdin, in order
+_COMPILER = """
+import json, py_compile, sys
+for source, cfile, dfile in json.load(sys.stdin):
+    try:
+        py_compile.compile(source, cfile=cfile, dfile=dfile, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    except py_compile.PyCompileError as exc:
+        print(json.dumps({"file": source, "error": exc.msg}))
+        sys.exit(1)
+"""
 _LDD_LINE = re.compile(r"^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
@@ -152,6 +171,24 @@ def _copy_file(source: str, target: Path, mode: int | None = None) -> None:
     os.chmod(target, mode if mode is not None else (os.stat(source).st_mode & 0o755))
 
 
+def _compile_all(jobs: Sequence[tuple[str, str, str]]) -> None:
+    """Compile ``(source, cfile, dfile)`` jobs reproducibly: one fresh interpreter, fixed hash seed, given order."""
+    env = {"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    try:
+        # -S: no site (the same modules loaded every time); -s: no user site; env: no PYTHONPATH and friends
+        proc = subprocess.run([sys.executable, "-S", "-s", "-c", _COMPILER], input=json.dumps(list(jobs)),
+                              capture_output=True, text=True, env=env, check=False, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ImageBuildError(f"compiling the modules failed: {exc}") from exc
+    if proc.returncode != 0:
+        try:
+            failure = json.loads(proc.stdout.strip().splitlines()[-1])
+            message = f"cannot compile {failure['file']}: {failure['error']}"
+        except (ValueError, IndexError, KeyError, TypeError):
+            message = f"compiling the modules failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+        raise ImageBuildError(message)
+
+
 def build_python_rootfs(root: Path, *, scripts: Sequence[Path] = (), app_dir: str = "/app",
                         modules: Iterable[str] = (), search_path: Sequence[str] | None = None,
                         excludes: Sequence[str] = DEFAULT_EXCLUDES, strip: bool = True) -> PythonRootfs:
@@ -169,22 +206,21 @@ def build_python_rootfs(root: Path, *, scripts: Sequence[Path] = (), app_dir: st
     lib = root / "usr" / "lib" / _version_dir()
     extensions: list[str] = []
     names: list[str] = []
+    jobs: list[tuple[str, str, str]] = []
     for name, file in sorted(found.items()):
         target = _destination(file, search, lib)
         if file.endswith(".py"):
             pyc = target.with_suffix(".pyc")
             pyc.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                py_compile.compile(file, cfile=str(pyc), dfile=str(target), doraise=True,
-                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-            except py_compile.PyCompileError as exc:
-                raise ImageBuildError(f"cannot compile {file}: {exc.msg}") from exc
+            # the path tracebacks show is the one inside the image, never the build directory
+            jobs.append((file, str(pyc), "/" + target.relative_to(root).as_posix()))
         elif file.endswith(".so"):
             _copy_file(file, target)
             extensions.append(file)
         else:
             continue
         names.append(name)
+    _compile_all(sorted(jobs, key=lambda job: job[1]))
     # the interpreter's landmark (3.11 getpath: lib/pythonX.Y/os.py or os.pyc) must exist
     if not (lib / "os.pyc").exists():
         raise ImageBuildError("the standard library's os module was not collected")
