@@ -123,8 +123,8 @@ static int serve(const char *port) {
         close(c);
     }
 }
-/* connect to the parent's (3, port), retrying until a listener exists, then say hello */
-static int dial(const char *port) {
+/* connect to the parent's (3, port), retrying until a listener exists, then say hello; -1 if none came */
+static int hello_parent(const char *port) {
     char path[256], line[64];
     snprintf(path, sizeof path, "%s/3/%s.sock", getenv("ENCLAVEKIT_VSOCK_DIR"), port);
     struct sockaddr_un a; memset(&a, 0, sizeof a); a.sun_family = AF_UNIX;
@@ -138,18 +138,34 @@ static int dial(const char *port) {
             n = snprintf(line, sizeof line, "hello from %s\n", getenv("ENCLAVEKIT_VSOCK_CID"));
             put_all(fd, (unsigned char *)line, n);
             printf("dialled %s\n", path); fflush(stdout);
-            for (;;) pause();
+            return fd;
         }
         close(fd);
         usleep(50000);
     }
-    return 18;
+    return -1;
+}
+static int dial(const char *port) {
+    if (hello_parent(port) < 0) return 18;
+    for (;;) pause();
+}
+/* once the parent listens on (3, port), touch MiB megabytes: past the cgroup's limit the kernel kills us */
+static int oom(const char *port, const char *mib) {
+    if (hello_parent(port) < 0) return 18;
+    for (long i = 0; i < atol(mib); i++) {
+        char *p = malloc(1 << 20);
+        if (!p) return 19;
+        memset(p, 0x5a, 1 << 20);
+    }
+    puts("allocated everything: no memory limit?"); fflush(stdout);
+    for (;;) pause();
 }
 int main(int argc, char **argv) {
     printf("probe up: %s cid=%s\n", argc > 1 ? argv[1] : "idle", getenv("ENCLAVEKIT_VSOCK_CID")); fflush(stdout);
     if (argc > 2 && !strcmp(argv[1], "exit")) { printf("exiting with %s\n", argv[2]); return atoi(argv[2]); }
     if (argc > 2 && !strcmp(argv[1], "listen")) return serve(argv[2]);
     if (argc > 2 && !strcmp(argv[1], "dial")) return dial(argv[2]);
+    if (argc > 3 && !strcmp(argv[1], "oom")) return oom(argv[2], argv[3]);
     if (argc > 2 && !strcmp(argv[1], "nsm")) { int rc = nsm(argv[2]); if (rc) return rc; }
     for (;;) pause();
 }
@@ -163,7 +179,8 @@ def _require_root() -> None:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """EIFs of the probe: ``idle`` (prints, waits), ``exit`` (exits 3 at once), ``nsm`` (fetches a document)."""
+    """EIFs of the probe: ``idle`` (prints, waits), ``exit`` (exits 3 at once), ``nsm`` (fetches a document),
+    ``listen``/``dial`` (vsock both ways), ``oom`` (allocates 1 GiB once the parent listens on (3, 7200))."""
     _require_root()
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the static probe")
@@ -174,7 +191,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "probe"), str(base / "probe.c")], check=True)
     request = AttestationRequest(nonce=b"lifecycle-nonce", user_data=b"hello").to_bytes().hex()
     commands = {"idle": ["/probe"], "exit": ["/probe", "exit", "3"], "nsm": ["/probe", "nsm", request],
-                "listen": ["/probe", "listen", "5000"], "dial": ["/probe", "dial", "7000"]}
+                "listen": ["/probe", "listen", "5000"], "dial": ["/probe", "dial", "7000"],
+                "oom": ["/probe", "oom", "7200", "1024"]}
     out = {}
     for name, cmd in commands.items():
         eif = base / f"{name}.eif"
@@ -592,6 +610,95 @@ def test_supervisor_killed_with_sigkill(host: Host, images: dict[str, Path]) -> 
     # its CPU and CID are free again
     again = host.run(images["idle"])
     assert again["EnclaveCID"] == info["EnclaveCID"]
+
+
+# ---------------------------------------------------------------- audit records (issue 6)
+
+
+def _events(host: Host, trail: Path) -> list[dict[str, Any]]:
+    proc = host.cli("audit", "events", "--trail", str(trail), "--json")
+    assert proc.returncode == 0, proc.stderr
+    events: list[dict[str, Any]] = json.loads(proc.stdout)
+    return events
+
+
+def test_lifecycle_events_reach_the_state_directorys_trail(host: Host, images: dict[str, Path]) -> None:
+    ran = host.run(images["idle"], "--debug-mode")
+    assert host.cli("terminate-enclave", "--enclave-id", ran["EnclaveID"]).returncode == 0
+    _fails(host.cli("run-enclave", "--eif-path", str(images["exit"]), "--cpu-count", "1", "--memory", "64"), 36)
+    failed_logs = [p for p in host.run_dir.glob("*/console.log") if "exiting with 3" in p.read_text()]
+    host.slots.update(p.parent.name.rsplit("-enc", 1)[1] for p in failed_logs)
+    (host.run_dir / "vsock" / "3").mkdir(parents=True, exist_ok=True)
+    transport = UnixVsockTransport(host.run_dir / "vsock", local_cid=3)
+    with vsock.listen(7200, transport=transport) as listener:
+        oom = host.run(images["oom"])
+        conn, _ = listener.accept(timeout=30)
+        with conn:
+            conn.settimeout(30)
+            hello = b""
+            while not hello.endswith(b"\n"):  # read it all: the probe exits on a broken pipe
+                chunk = conn.recv(64)
+                assert chunk, host.console_log(oom["EnclaveID"])
+                hello += chunk
+        # the probe allocates past its 64 MiB from now on
+    assert _wait_gone({oom["ProcessID"]}, timeout=60) == set(), "the enclave survived allocating 1 GiB"
+
+    # every supervisor delivers its records as it leaves; the boot failure's leaves on its own time: wait for it
+    trail = host.home(0) / "audit"
+    wanted = {"RunEnclave", "TerminateEnclave", "EnclaveBootFailure", "EnclaveOutOfMemory"}
+    deadline = time.monotonic() + 30
+    events = _events(host, trail)
+    while not wanted <= {e["eventName"] for e in events} and time.monotonic() < deadline:
+        time.sleep(0.1)
+        events = _events(host, trail)
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        assert e["eventSource"] == "enclaves.enclavekit.local"
+        by_name.setdefault(e["eventName"], []).append(e)
+    assert set(by_name) == wanted, sorted(by_name)
+
+    runs = {e["responseElements"]["EnclaveID"]: e for e in by_name["RunEnclave"]}
+    assert set(runs) == {ran["EnclaveID"], oom["EnclaveID"]}
+    first = runs[ran["EnclaveID"]]
+    measured = json.loads(host.cli("describe-eif", "--eif-path", str(images["idle"])).stdout)["Measurements"]
+    assert first["responseElements"]["EnclaveCID"] == ran["EnclaveCID"]
+    assert first["responseElements"]["Measurements"] == measured
+    assert first["responseElements"]["DebugMode"] is True and runs[oom["EnclaveID"]]["responseElements"][
+        "DebugMode"] is False
+    assert first["requestParameters"]["memoryMiB"] == 64
+    assert first["eventType"] == "AwsApiCall" and first["userIdentity"]["type"] == "Root"
+
+    (terminated,) = by_name["TerminateEnclave"]
+    assert terminated["requestParameters"]["enclaveId"] == ran["EnclaveID"]
+    assert terminated["requestParameters"]["via"] == "control"
+
+    (boot,) = by_name["EnclaveBootFailure"]
+    assert boot["errorCode"] == "E36" and "exited at boot with status 3" in boot["errorMessage"]
+    assert boot["eventType"] == "AwsServiceEvent"
+    assert any("exiting with 3" in line for line in boot["serviceEventDetails"]["consoleTail"])
+
+    (killed,) = by_name["EnclaveOutOfMemory"]
+    assert killed["requestParameters"]["enclaveId"] == oom["EnclaveID"]
+    assert killed["serviceEventDetails"]["oomKills"] >= 1 and killed["serviceEventDetails"]["memoryMiB"] == 64
+
+    # the runtime never seals (one digest per supervisor would be noise): seal now, then the trail validates
+    from enclavekit.runtime.audit import seal_runtime_trail
+
+    assert seal_runtime_trail(host.home(0))
+    exported = host.cli("audit", "public-key", "--trail", str(trail))
+    assert exported.returncode == 0, exported.stderr
+    key = host.run_dir.parent / "trail-key.pem"  # the key, pinned outside the trail
+    key.write_text(exported.stdout)
+    validated = host.cli("audit", "validate", "--trail", str(trail), "--public-key", str(key))
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert len(_events(host, trail)) == len(events)  # sealing delivered nothing new: all were in log files
+
+
+def test_runtime_records_can_be_turned_off(host: Host, images: dict[str, Path]) -> None:
+    (host.home(0) / "audit.json").write_text(json.dumps({"trail": None}))
+    info = host.run(images["idle"])
+    assert host.cli("terminate-enclave", "--enclave-id", info["EnclaveID"]).returncode == 0
+    assert not (host.home(0) / "audit").exists()
 
 
 # ---------------------------------------------------------------- vsock both ways

@@ -1,4 +1,5 @@
-"""The sandbox's launcher and PID 1 (``python -m enclavekit.runtime._sandbox_init CTL_FD STATUS_FD``).
+"""The sandbox's launcher and PID 1: forked from the supervisor (:func:`run_forked`, the default) or started as
+``python -m enclavekit.runtime._sandbox_init CTL_FD STATUS_FD``.
 
 Started by :meth:`enclavekit.runtime.sandbox.Sandbox.start`, which has already put this process into the enclave's
 cgroup.  It talks to its parent over two pipes: the parent sends the spec (one JSON line) and ``go`` lines on
@@ -8,7 +9,9 @@ Launcher (host PID namespace):
   1. ``unshare(NEWUSER|NEWNS|NEWNET|NEWIPC|NEWUTS|NEWCGROUP|NEWPID)``; report ``unshared``; the parent writes the
      uid/gid maps (a process cannot map ids other than its own from inside);
   2. make every mount private, mount the size-limited tmpfs root on the stage directory, bring ``lo`` up, set the
-     host name; report ``mounted``; the parent fills the root through ``/proc/PID/root`` and answers ``go``;
+     host name; the forked launcher fills the root itself (inside the enclave's cgroup, so its pages are charged
+     to the enclave) and reports ``mounted`` with ``populated``; for the exec'd one the parent fills it through
+     ``/proc/PID/root``; the parent answers ``go``;
   3. bind the device nodes, sockets and directories into the root; fork PID 1; report ``pid1`` with its host PID;
      wait for it and exit with its status.
 PID 1 (new PID namespace): connect to the boot heartbeat listener (when the spec names one; a host path, so
@@ -40,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import json
 import os
 import signal
@@ -47,12 +51,13 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any, NoReturn
 
 from enclavekit.runtime.seccomp import install_filter
 from enclavekit.vsock.protocol import run_connector
 
-__all__ = ["main", "BOOT_BUSY_LIMIT", "HEARTBEAT_BYTE", "HEARTBEAT_PORT"]
+__all__ = ["main", "run_forked", "BOOT_BUSY_LIMIT", "HEARTBEAT_BYTE", "HEARTBEAT_PORT"]
 
 # §3.8: init writes 0xB7 to (3, 9000) and expects it echoed.
 HEARTBEAT_BYTE = 0xB7
@@ -200,7 +205,7 @@ class _Channel:
             raise _StageError(f"the parent stopped the set-up ({line[:40]!r})")
 
 
-def _launch(spec: dict[str, Any], chan: _Channel) -> NoReturn:
+def _launch(spec: dict[str, Any], chan: _Channel, populate: Callable[[str], None] | None = None) -> NoReturn:
     stage: str = spec["stage"]
     # 1. new namespaces; the parent writes our uid/gid maps
     _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
@@ -214,7 +219,11 @@ def _launch(spec: dict[str, Any], chan: _Channel) -> NoReturn:
     _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(spec['tmpfs_size'])},mode=0755")
     _loopback_up()
     socket.sethostname(spec["hostname"])
-    chan.report(stage="mounted")
+    if populate is not None:
+        # forked launcher: fill the root from here, inside the enclave's cgroup, so that its tmpfs pages are
+        # charged to the enclave's memory limit and not to the supervisor's
+        populate(stage)
+    chan.report(stage="mounted", populated=populate is not None)
     chan.await_go()
     # 3. the only host paths the sandbox sees: device nodes and channel sockets (bind mounts must come from
     #    mounts of our own mount namespace, so they are looked up here, after unshare); then PID 1
@@ -284,6 +293,8 @@ def _pid1(spec: dict[str, Any], chan: _Channel, program: bytes) -> NoReturn:
     if app == 0:
         try:
             os.close(err_r)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
             os.setgroups([])
             os.setgid(int(spec["gid"]))
             os.setuid(int(spec["uid"]))
@@ -382,6 +393,34 @@ def _reap_until(app: int) -> NoReturn:
             os._exit(127)
         if pid == app:
             os._exit(_status_code(status))
+
+
+def run_forked(ctl_fd: int, status_fd: int, populate: Callable[[str], None]) -> NoReturn:
+    """The launcher in a child forked from the supervisor (no second interpreter): steps 1-3 above, with the root
+    filled by ``populate(stage)`` in this process (already in the enclave's cgroup) instead of by the parent.
+
+    The supervisor has threads; only this one exists here, so nothing below may import a module or take a lock
+    another thread could have held at ``fork``: everything needed is imported by the supervisor beforehand.
+    """
+    gc.disable()  # a collection would write to every object inherited from the supervisor (and charge it here)
+    # Python-level handlers of the supervisor (SIGTERM, SIGINT) end with exec; ignored signals would not
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    chan: _Channel | None = None
+    try:
+        _set_pdeathsig()
+        chan = _Channel(os.fdopen(ctl_fd, "rb"), os.fdopen(status_fd, "wb"))
+        spec = json.loads(chan.ctl.readline())
+        if os.getppid() != int(spec["parent_pid"]):
+            raise _StageError("the parent exited before the sandbox started")
+        _launch(spec, chan, populate)
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            if chan is not None:
+                code = getattr(exc, "code", None)
+                chan.report(stage="error", error=f"{type(exc).__name__}: {getattr(exc, 'message', exc)}",
+                            **({"code": code} if isinstance(code, str) else {}))
+    os._exit(125)
 
 
 def main(argv: list[str]) -> NoReturn:

@@ -1,9 +1,10 @@
 """The enclave sandbox: an application in new namespaces, on a memory-only root, inside a cgroup, under seccomp.
 
-``Sandbox.start(spec)`` creates the cgroup (memory, pids, cpuset limits), starts the launcher
-(``python -m enclavekit.runtime._sandbox_init``) inside it, answers its set-up steps (uid/gid maps, filling the
-tmpfs root through ``/proc/PID/root``), and returns a :class:`SandboxProcess` once the application has been
-exec'd.  The application's stdout and stderr are one pipe, :attr:`SandboxProcess.console`.
+``Sandbox.start(spec)`` creates the cgroup (memory, pids, cpuset limits), forks the launcher
+(:mod:`enclavekit.runtime._sandbox_init`; or execs ``python -m enclavekit.runtime._sandbox_init``) into it, answers
+its set-up steps (uid/gid maps; the forked launcher fills the tmpfs root itself, from inside the enclave's cgroup),
+and returns a :class:`SandboxProcess` once the application has been exec'd.  The application's stdout and
+stderr are one pipe, :attr:`SandboxProcess.console`.
 
 User namespace and ids (a documented choice, see docs/sandbox.md): the sandbox gets a NEW user namespace whose map
 is the identity (inside uid/gid N = outside N).  Capabilities held inside are capabilities over the sandbox's own
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -36,9 +38,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from enclavekit.errors import EnclaveKitError, SandboxBootError, SandboxError
+from enclavekit.runtime._sandbox_init import run_forked
 from enclavekit.runtime.cgroups import Cgroup, CgroupLayout, create_cgroup
 from enclavekit.runtime.seccomp import SeccompFilter, sandbox_filter
 from enclavekit.runtime.usernotif import (
@@ -85,6 +88,11 @@ class SandboxSpec:
     NSMDevice`, a :class:`~enclavekit.runtime.vsock_translate.VsockTranslator`) add their seccomp user-notification
     rules ahead of the policy's refusals in the sandbox's one filter, and :meth:`Sandbox.start` serves them on a
     thread of the calling process until the sandbox ends.
+
+    CPU pinning: ``cpu_ids`` go to the cgroup's ``cpuset.cpus`` when the cpuset controller is there (always on v1);
+    on cgroup v2 without it only ``sched_setaffinity`` remains, which the application can undo.
+    :attr:`SandboxProcess.cpu_pinning` says which one holds; ``require_cpuset`` turns the fallback into a
+    SandboxError.
     """
 
     argv: tuple[str, ...]
@@ -107,6 +115,7 @@ class SandboxSpec:
     name: str | None = None
     devices: Mapping[str, str] = field(default_factory=dict)
     notification_handlers: tuple[NotificationHandler, ...] = ()
+    require_cpuset: bool = False
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
@@ -145,7 +154,7 @@ class SandboxSpec:
 class SandboxProcess:
     """A running sandbox.  Use as a context manager, or call :meth:`close` when done (it kills what is left)."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], cgroup: Cgroup, stage: Path) -> None:
+    def __init__(self, name: str, proc: _Launcher, cgroup: Cgroup, stage: Path) -> None:
         self.name = name
         self.cgroup = cgroup
         self.stage = stage
@@ -154,6 +163,9 @@ class SandboxProcess:
         self._init_fd: int | None = None
         self._closed = False
         self.notifications: NotificationServer | None = None  # serves /dev/nsm and AF_VSOCK (device emulation)
+        # how the CPUs are enforced: "cpuset" (the cgroup; the application cannot leave them), "affinity"
+        # (sched_setaffinity only: the application may widen it), None (no CPUs asked for)
+        self.cpu_pinning: str | None = None
         self._notify_thread: threading.Thread | None = None
 
     def _serve_notifications(self, listener: NotificationListener,
@@ -189,7 +201,10 @@ class SandboxProcess:
 
     def _attach_init(self, pid: int) -> None:
         # Hold a pidfd so a signal can never reach a recycled PID; check that it is our launcher's child.
-        fd = os.pidfd_open(pid)
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return  # already gone (an application that exits at once): the launcher's next line says why
         try:
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
@@ -262,7 +277,12 @@ class Sandbox:
 
     @classmethod
     def start(cls, spec: SandboxSpec, *, cgroup_layout: CgroupLayout | None = None,
-              stage_parent: Path | None = None, timeout: float = _START_TIMEOUT) -> SandboxProcess:
+              stage_parent: Path | None = None, timeout: float = _START_TIMEOUT,
+              launcher: str = "fork") -> SandboxProcess:
+        """Start ``spec``; ``launcher`` is ``fork`` (a child of this process, the default) or ``exec`` (a fresh
+        ``python -m enclavekit.runtime._sandbox_init``; the root is then filled from here)."""
+        if launcher not in ("fork", "exec"):
+            raise ValueError(f"launcher must be 'fork' or 'exec', got {launcher!r}")
         if os.geteuid() != 0:
             raise SandboxError("the sandbox needs root (namespaces, cgroups, mounts)")
         for host in spec.sockets:
@@ -299,7 +319,7 @@ class Sandbox:
         program = flt.compile()
         cgroup = create_cgroup(name, layout=cgroup_layout)
         stage: Path | None = None
-        proc: subprocess.Popen[bytes] | None = None
+        proc: _Launcher | None = None
         sandbox: SandboxProcess | None = None
         fds: list[int] = []
         notify: tuple[socket.socket, socket.socket] | None = None
@@ -307,8 +327,14 @@ class Sandbox:
             limit = spec.memory_mib * MIB
             cgroup.set_memory_limit(limit)
             cgroup.set_pids_max(spec.pids_max)
+            pinning: str | None = None
             if spec.cpu_ids:
-                cgroup.set_cpus(spec.cpu_ids)
+                # cgroup v2 without a delegated cpuset controller cannot pin the group: PID 1 still calls
+                # sched_setaffinity for the application, but the application may undo that (no CAP needed)
+                pinning = "cpuset" if cgroup.set_cpus(spec.cpu_ids) else "affinity"
+                if pinning == "affinity" and spec.require_cpuset:
+                    raise SandboxError(f"cannot pin the sandbox to CPUs {list(spec.cpu_ids)}: the cpuset controller "
+                                       "is not available in this cgroup (cgroup v2 without cpuset delegation)")
             stage = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=stage_parent))
             ctl_r, ctl_w = os.pipe()
             status_r, status_w = os.pipe()
@@ -321,16 +347,20 @@ class Sandbox:
                 # PID 1 sends the filter's listener fd back on this pair (SCM_RIGHTS)
                 notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 passed.append(notify[1].fileno())
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "enclavekit.runtime._sandbox_init", str(ctl_r), str(status_w)],
-                pass_fds=tuple(passed), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
+            if launcher == "fork":
+                proc = _fork_launcher(ctl_r, status_w, passed, spec.rootfs)
+            else:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "enclavekit.runtime._sandbox_init", str(ctl_r), str(status_w)],
+                    pass_fds=tuple(passed), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
             os.close(ctl_r)
             os.close(status_w)
             if notify is not None:
                 notify[1].close()
             fds = [ctl_w, status_r]
             sandbox = SandboxProcess(name, proc, cgroup, stage)
+            sandbox.cpu_pinning = pinning
             cgroup.add_pid(proc.pid)
             tmpfs = (spec.tmpfs_size_mib or max(1, spec.memory_mib // 2)) * MIB
             doc = {
@@ -380,11 +410,13 @@ def _converse(sandbox: SandboxProcess, spec: SandboxSpec, doc: dict[str, Any], c
     os.write(ctl_w, json.dumps(doc).encode() + b"\n")
     buf = b""
     running = False
+    status_open = True
     while not (running and sandbox.init_pid is not None and (notify is None or sandbox.notifications is not None)):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SandboxError("the sandbox did not start in time")
-        waiting = [status_r] + ([notify[0]] if notify is not None and sandbox.notifications is None else [])
+        waiting = ([status_r] if status_open else []) + (
+            [notify[0]] if notify is not None and sandbox.notifications is None else [])
         ready, _, _ = select.select(waiting, [], [], remaining)
         if not ready:
             continue
@@ -394,34 +426,168 @@ def _converse(sandbox: SandboxProcess, spec: SandboxSpec, doc: dict[str, Any], c
             except EnclaveKitError as exc:
                 raise SandboxError(f"sandbox set-up failed: {exc.message}", details=_console_tail(sandbox)) from exc
             sandbox._serve_notifications(listener, notify[1])
-            if status_r not in ready:
-                continue
+            continue  # the loop's condition may hold now: the status pipe's EOF after "running" is normal
         chunk = os.read(status_r, 65536)
         if not chunk:
-            raise SandboxBootError("the sandbox launcher exited during set-up", details=_console_tail(sandbox))
+            if running and sandbox.init_pid is not None:
+                status_open = False  # PID 1 closed it after "running"; only the listener is still to come
+                continue
+            status = _exit_status(sandbox)
+            who = "PID 1" if running else "launcher"
+            raise SandboxBootError(f"the sandbox's {who} exited during set-up{status}", details=_console_tail(sandbox))
         buf += chunk
+        if b"\n" not in buf and len(buf) > _STATUS_LINE_MAX:
+            raise SandboxError(f"the sandbox launcher sent more than {_STATUS_LINE_MAX} bytes without a newline",
+                               details=_console_tail(sandbox))
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            msg = json.loads(line)
+            msg = _status_message(line, sandbox)
             stage = msg.get("stage")
             if stage == "unshared":
                 for kind in ("uid_map", "gid_map"):
                     Path(f"/proc/{sandbox.pid}/{kind}").write_text(_ID_MAP, encoding="ascii")
                 os.write(ctl_w, b"go\n")
             elif stage == "mounted":
-                root = Path(f"/proc/{sandbox.pid}/root") / str(sandbox.stage).lstrip("/")
-                _populate(root, spec.rootfs)
+                if not msg.get("populated"):  # the exec'd launcher: fill its root from here
+                    root = Path(f"/proc/{sandbox.pid}/root") / str(sandbox.stage).lstrip("/")
+                    _populate(root, spec.rootfs)
                 os.write(ctl_w, b"go\n")
             elif stage == "pid1":
-                sandbox._attach_init(int(msg["pid"]))
-                if sandbox.init_pid is None:
-                    raise SandboxBootError("the sandbox's PID 1 exited during set-up", details=_console_tail(sandbox))
+                pid = msg.get("pid")
+                if type(pid) is not int or pid <= 0:
+                    raise SandboxError(f"the sandbox launcher reported a bad PID 1 ({str(pid)[:20]!r})",
+                                       details=_console_tail(sandbox))
+                sandbox._attach_init(pid)  # None if PID 1 is gone already: its error line (or EOF) follows
             elif stage == "running":
                 running = True
             elif stage == "error":
+                code = msg.get("code")
+                if isinstance(code, str) and re.fullmatch(r"E\d{2,3}", code) and code not in ("E36", "E80"):
+                    # the forked launcher fills the root itself: a bad ramdisk is still the EIF's error (E35)
+                    raise EnclaveKitError(str(msg.get("error", "?")), code=code)
                 if msg.get("boot"):
                     raise SandboxBootError(str(msg.get("error", "?")), details=_console_tail(sandbox))
                 raise SandboxError(f"sandbox set-up failed: {msg.get('error', '?')}", details=_console_tail(sandbox))
+
+
+_STATUS_LINE_MAX = 64 * 1024
+
+
+class _Launcher(Protocol):
+    """What a :class:`SandboxProcess` needs of its launcher: ``subprocess.Popen`` or :class:`_ForkedLauncher`."""
+
+    pid: int
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class _ForkedLauncher:
+    """``Popen``'s ``pid``/``stdout``/``poll``/``wait``/``kill`` for a launcher forked from this process."""
+
+    def __init__(self, pid: int, stdout: IO[bytes]) -> None:
+        self.pid = pid
+        self.stdout: IO[bytes] | None = stdout
+        self.returncode: int | None = None
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: it is gone, its status is lost
+                    pid, status = self.pid, 255 << 8
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    if self._pidfd is not None:
+                        os.close(self._pidfd)
+                        self._pidfd = None
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            code = self.poll()
+            if code is not None:
+                return code
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired(["enclavekit-sandbox-launcher"], timeout or 0.0)
+            fd = self._pidfd
+            if fd is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    select.select([fd], [], [], 0.2 if remaining is None else min(remaining, 0.2))
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.returncode is None and self._pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+def _fork_launcher(ctl_r: int, status_w: int, passed: list[int],
+                   rootfs: Path | Callable[[Path], None]) -> _ForkedLauncher:
+    """Fork the launcher from this process (no second interpreter, issue 4's start-up budget).
+
+    The child keeps only stdin (/dev/null), the console pipe on stdout/stderr and ``passed``, starts a session, and
+    runs :func:`~enclavekit.runtime._sandbox_init.run_forked`, which fills the root itself (in the enclave's cgroup).
+    """
+    console_r, console_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        for fd in (console_r, console_w, devnull):
+            os.close(fd)
+        raise SandboxError(f"cannot fork the sandbox launcher: {exc.strerror}") from exc
+    if pid == 0:  # pragma: no cover - the child; it never returns
+        try:
+            os.setsid()
+            os.dup2(devnull, 0)
+            os.dup2(console_w, 1)
+            os.dup2(console_w, 2)
+            keep = sorted({0, 1, 2, *passed})
+            for low, high in zip(keep, [*keep[1:], _max_fd()], strict=True):
+                os.closerange(low + 1, high)
+            run_forked(ctl_r, status_w, lambda stage: _populate(Path(stage), rootfs))
+        finally:
+            os._exit(125)
+    os.close(console_w)
+    os.close(devnull)
+    return _ForkedLauncher(pid, os.fdopen(console_r, "rb"))
+
+
+def _max_fd() -> int:
+    try:
+        return int(os.sysconf("SC_OPEN_MAX"))
+    except (ValueError, OSError):  # pragma: no cover
+        return 1024
+
+
+def _status_message(line: bytes, sandbox: SandboxProcess) -> dict[str, Any]:
+    """One status line of the launcher (see ``_sandbox_init``): a JSON object; anything else is SandboxError.
+
+    The launcher runs the set-up steps in new namespaces, so a line that does not parse means a broken or forged
+    launcher, never a reason for a bare JSONDecodeError in the supervisor.
+    """
+    if len(line) > _STATUS_LINE_MAX:
+        raise SandboxError(f"the sandbox launcher sent a status line of {len(line)} bytes; at most "
+                           f"{_STATUS_LINE_MAX}", details=_console_tail(sandbox))
+    try:
+        msg = json.loads(line)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SandboxError(f"the sandbox launcher sent a malformed status line ({line[:40]!r})",
+                           details=_console_tail(sandbox)) from exc
+    if not isinstance(msg, dict):
+        raise SandboxError(f"the sandbox launcher sent a status line that is not an object ({line[:40]!r})",
+                           details=_console_tail(sandbox))
+    return msg
 
 
 def _populate(root: Path, source: Path | Callable[[Path], None]) -> None:
@@ -446,3 +612,15 @@ def _console_tail(sandbox: SandboxProcess, limit: int = 4096) -> dict[str, str]:
             data = (data + chunk)[-limit:]
     text = data.decode(errors="replace").strip()
     return {"console": text[-1000:]} if text else {}
+
+
+def _exit_status(sandbox: SandboxProcess) -> str:
+    """`` (status N)`` / `` (killed by SIGX)`` of a launcher that has ended, for messages; empty if it runs."""
+    try:
+        code = sandbox.wait(0.5)
+    except subprocess.TimeoutExpired:
+        return ""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f" (killed by {signal.Signals(-code).name})"
+    return f" (status {code})"

@@ -12,7 +12,8 @@ is nobody's child and outlives the CLI.  The supervisor then, in order:
    heartbeat listener on ``<run>/<id>/heartbeat.sock`` (§3.8: the enclave's (3, 9000); one path per enclave, so
    parallel launches cannot race as they do with nitro-cli, aws-nitro-enclaves-cli#516; it is not visible
    inside: the sandbox's PID 1 connects to it before it leaves the host's file system);
-5. unpacks the EIF's ramdisks into the sandbox's memory-only root: ``rootfs/`` becomes ``/``; ``cmd``, ``env``
+5. unpacks the EIF's ramdisks into the sandbox's memory-only root (from the launcher forked into the enclave's
+   cgroup, which is charged for it): ``rootfs/`` becomes ``/``; ``cmd``, ``env``
    (and ``workdir``/``user`` when present) define the application; the bootstrap ``init`` and ``nsm.ko`` are
    measured but never executed;
 6. starts the sandbox with the NSM socket bound at ``/run/enclavekit/nsm.sock`` and the vsock channel
@@ -25,6 +26,12 @@ is nobody's child and outlives the CLI.  The supervisor then, in order:
    copies the console to ``<run>/<id>/console.log`` until the enclave ends or is terminated;
 8. cleans up: the sandbox (processes, cgroup, mounts), the NSM and heartbeat sockets, the control socket, the
    vsock directory, the allocation.  The console log stays.
+
+Audit (issue 6, :mod:`enclavekit.runtime.audit`): ``RunEnclave`` is appended on a thread once step 7 has reported
+(the launch never waits for it); ``EnclaveOutOfMemory`` when the application ended and the cgroup counted an OOM
+kill, and ``TerminateEnclave`` on a terminate request, both before step 8 (so before the terminate reply);
+``EnclaveBootFailure`` (E36) before the failure is reported.  The records are delivered, without sealing, as the
+supervisor leaves.
 
 If the supervisor itself is killed (even with SIGKILL) the sandbox dies with it (its launcher and PID 1 have
 ``PR_SET_PDEATHSIG``), and the next registry reader finds the stale record and cleans up after it
@@ -67,6 +74,7 @@ from enclavekit.image.eif_reader import EIFInfo, measure_eif
 from enclavekit.nsm.server import NSMServer
 from enclavekit.runtime._sandbox_init import HEARTBEAT_BYTE, HEARTBEAT_PORT
 from enclavekit.runtime.allocator import AllocationLedger
+from enclavekit.runtime.audit import RuntimeAudit
 from enclavekit.runtime.console import ConsoleRecorder, tail_lines
 from enclavekit.runtime.control import ControlServer, Request, encode_reply
 from enclavekit.runtime.registry import (
@@ -240,14 +248,16 @@ class _SectionReader(io.RawIOBase):
         return len(data)
 
 
-def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[Any, Iterator[bytes]]]:
-    for section in _ramdisks(info):
+def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[int, Any, Iterator[bytes]]]:
+    """``(ramdisk index, member, chunks)`` for every member of every ramdisk, in order."""
+    for number, section in enumerate(_ramdisks(info)):
         f.seek(section.data_offset)
         if section.size < 6 or f.read(6) != CPIO_MAGIC:
             raise EIFFormatError(f"ramdisk section {section.index} is not an uncompressed newc cpio archive")
         reader = io.BufferedReader(_SectionReader(f, section.data_offset, section.size), 1 << 20)
         try:
-            yield from iter_members(reader, section.size)
+            for member, chunks in iter_members(reader, section.size):
+                yield number, member, chunks
         except FormatError as exc:
             raise EIFFormatError(f"ramdisk section {section.index}: {exc}") from exc
 
@@ -272,7 +282,7 @@ def read_application(f: IO[bytes], info: EIFInfo) -> ApplicationSpec:
     """Find ``cmd``, ``env``, ``workdir`` and ``user`` in the ramdisks (§3.10 step 4) and resolve the user."""
     small: dict[str, str] = {}
     wanted = {"cmd", "env", "workdir", "user", "rootfs/etc/passwd", "rootfs/etc/group"}
-    for member, chunks in _members(f, info):
+    for _ramdisk, member, chunks in _members(f, info):
         parts = _norm(member.name)
         key = "/".join(parts or [])
         if key in wanted and stat.S_ISREG(member.mode):
@@ -339,9 +349,11 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
     written by root on the host, so nothing in it may point the writes elsewhere.
     """
     count = 0
-    links: dict[tuple[int, int], Path] = {}  # (ramdisk-local ino, nlink) → first path holding the data
-    pending: dict[int, list[Path]] = {}
-    for member, chunks in _members(f, info):
+    # newc hard links share (dev, ino) within ONE archive; every ramdisk numbers its inodes anew, so the key
+    # carries the ramdisk's index too (a link never crosses ramdisks)
+    links: dict[tuple[int, int, int, int], Path] = {}  # link key → the path holding the data
+    pending: dict[tuple[int, int, int, int], list[Path]] = {}  # link key → empty members waiting for the data
+    for ramdisk, member, chunks in _members(f, info):
         parts = _norm(member.name)
         if parts is None:
             raise EIFFormatError(f"ramdisk entry {member.name[:80]!r} climbs out of the root")
@@ -366,7 +378,7 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
         if kind == stat.S_IFDIR:
             os.mkdir(target, 0o700)
         elif kind == stat.S_IFREG:
-            key = member.ino
+            key = (ramdisk, member.dev_major, member.dev_minor, member.ino)
             if member.nlink > 1 and member.size == 0 and key in links:
                 os.link(links[key], target, follow_symlinks=False)
             elif member.nlink > 1 and member.size == 0:
@@ -463,6 +475,7 @@ def launch(request: RunRequest, *, on_stderr: Callable[[str], None] | None = Non
     A single-threaded caller (the CLI) forks the supervisor directly, saving an interpreter start; otherwise a
     fresh interpreter is started (forking a threaded process is unsafe).
     """
+    _trace("cli: launch")
     report_r, report_w = os.pipe()
     try:
         if threading.active_count() == 1:
@@ -561,6 +574,16 @@ class _Reporter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+_TRACE = os.environ.get("ENCLAVEKIT_LAUNCH_TRACE")  # a file: phase timings of each launch (benchmarks)
+
+
+def _trace(label: str) -> None:
+    """Append ``<pid> <monotonic s> <label>`` to ``$ENCLAVEKIT_LAUNCH_TRACE`` (profiling the launch path)."""
+    if _TRACE:
+        with contextlib.suppress(OSError), open(_TRACE, "a") as fh:
+            fh.write(f"{os.getpid()} {time.monotonic():.6f} {label}\n")
 
 
 def _boot_error(message: str, console: Path, *, code: str = "E36") -> EnclaveKitError:
@@ -749,7 +772,9 @@ class Supervisor:
 
     def setup(self) -> EnclaveRecord:
         req = self.req
+        _trace("supervisor: setup")
         info, extra = self._measure()
+        _trace("supervisor: measured")
         name = req.enclave_name or default_enclave_name(req.eif_path)
         slot_uid = int.from_bytes(os.urandom(8), "big") >> 4 | (1 << 56)
         record = self.registry.reserve(
@@ -768,6 +793,7 @@ class Supervisor:
                                      cpu_ids=req.cpu_ids, eif_size=info.file_size)
         self.allocated = True
         record = self._update(cpu_ids=alloc.cpu_ids, memory_mib=alloc.memory_mib)
+        _trace("supervisor: reserved and allocated")
         (self.registry.vsock_root / str(record.cid)).mkdir(mode=0o755, parents=True, exist_ok=True)
         self._start_nsm(record, info)
         self.heartbeat = _Heartbeat(self.registry.heartbeat_path(record.enclave_id))
@@ -794,6 +820,7 @@ class Supervisor:
                            name=f"enclavekit-{record.enclave_id.rsplit('-enc', 1)[1]}",
                            heartbeat=str(self.registry.heartbeat_path(record.enclave_id)), await_boot=True,
                            **self._channels(record, app), **self._device_emulation(record, enclave_dir))
+        _trace("supervisor: NSM listening, application read")
         try:
             self.sandbox = Sandbox.start(spec, stage_parent=enclave_dir)
         except SandboxBootError as exc:
@@ -802,7 +829,15 @@ class Supervisor:
                 self.recorder.write(text.encode() + b"\n")
             self.recorder.write(f"[enclavekit] {exc.message}\n".encode())
             raise _boot_error(f"the enclave did not boot: {exc.message}", console_path) from exc
+        _trace("supervisor: sandbox running (application booted)")
         record = self._update(cgroup_dirs=tuple(str(d) for d in self.sandbox.cgroup.dirs))
+        if self.sandbox.cpu_pinning == "affinity":
+            # review: without cpuset the pinning is sched_setaffinity only, which the application may undo
+            warning = (f"Warning: CPUs {list(alloc.cpu_ids)} are not enforced: the cgroup has no cpuset controller "
+                       "(cgroup v2 without cpuset delegation); the application is pinned with sched_setaffinity, "
+                       "which it can undo")
+            self.recorder.write(f"[enclavekit] {warning}\n".encode())
+            self.reporter.send(stderr=warning)
         self.recorder.start(os.dup(self.sandbox.console.fileno()))
         # §3.8: the application has booted (PID 1 saw it wait); now the heartbeat must come, within the timeout
         sandbox = self.sandbox
@@ -820,8 +855,10 @@ class Supervisor:
             self.recorder.wait(1.0)
             raise _boot_error(f"the enclave ended with status {status} before its boot heartbeat",
                               console_path) from None
+        _trace("supervisor: heartbeat")
         assert self.nsm is not None
         self.nsm.result()  # the NSM was built (or its error is the launch's)
+        _trace("supervisor: NSM built")
         self.control = ControlServer(self.registry.control_path(record.enclave_id), self._handle,
                                      owner_uid=req.owner_uid)
         self.control.start()
@@ -878,6 +915,15 @@ class Supervisor:
             with contextlib.suppress(EnclaveKitError, OSError):
                 self._update(state="TERMINATING")
 
+    def oom_kills(self) -> int:
+        """OOM kills the enclave's cgroup counted (0 when it cannot tell); ask before :meth:`cleanup`."""
+        if self.sandbox is None:
+            return 0
+        try:
+            return self.sandbox.cgroup.oom_kills()
+        except (EnclaveKitError, OSError, ValueError):
+            return 0
+
     def cleanup(self) -> None:
         """Release everything; idempotent and never raises (it runs on every exit path)."""
         steps: list[Callable[[], None]] = []
@@ -915,8 +961,23 @@ class Supervisor:
         self.cleaned.set()
 
 
+def _run_parameters(request: RunRequest) -> dict[str, Any]:
+    """``requestParameters`` of the RunEnclave record: what was asked for (nitro-cli's --config names)."""
+    params: dict[str, Any] = {"eifPath": request.eif_path, "memoryMiB": request.memory_mib,
+                              "debugMode": request.debug_mode}
+    if request.cpu_count is not None:
+        params["cpuCount"] = request.cpu_count
+    if request.cpu_ids is not None:
+        params["cpuIds"] = list(request.cpu_ids)
+    if request.enclave_cid is not None:
+        params["enclaveCid"] = request.enclave_cid
+    return params
+
+
 def _supervise(request: RunRequest, reporter: _Reporter) -> int:
     sup = Supervisor(request, reporter)
+    # issue 6: lifecycle records go to the state directory's trail (runtime/audit.py), never before the report
+    audit = RuntimeAudit(Path(request.state_home), owner_uid=request.owner_uid)
     signal.signal(signal.SIGTERM, lambda *_: sup.terminate_requested.set())
     signal.signal(signal.SIGINT, lambda *_: sup.terminate_requested.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -925,6 +986,11 @@ def _supervise(request: RunRequest, reporter: _Reporter) -> int:
         record = sup.setup()
     except EnclaveKitError as exc:
         sup.cleanup()
+        if exc.code == "E36" and sup.record is not None:  # §3.8: the enclave existed and died at boot
+            # before the report: a failed run-enclave returns with its record delivered and no process left
+            # writing to the state directory (only the launch itself must not wait for the audit path)
+            audit.boot_failure(sup.record, exc, exc.details.get("console", "").splitlines())
+            audit.close()
         reporter.send(error={"code": exc.code, "message": exc.message, "details": exc.details})
         return 1
     except BaseException as exc:
@@ -935,10 +1001,22 @@ def _supervise(request: RunRequest, reporter: _Reporter) -> int:
                          f"cpu-ids: {list(record.cpu_ids)}")
     reporter.send(ok=record.run_info())
     reporter.close()
+    _trace("supervisor: reported")
+    audit.run_enclave(record, _run_parameters(request))
     try:
         sup.serve()
+        # before cleanup: the cgroup's OOM counter goes with the cgroup, and the terminate reply (sent once
+        # cleanup is done) must not leave before its record is in the spool
+        oom_kills = sup.oom_kills()
+        final = sup.record or record
+        if oom_kills:
+            audit.out_of_memory(final, oom_kills=oom_kills,
+                                exit_status=sup.sandbox.returncode if sup.sandbox is not None else None)
+        if sup.terminate_requested.is_set():
+            audit.terminate_enclave(final, via="control" if sup.terminate_via_control.is_set() else "signal")
     finally:
         sup.cleanup()
+        audit.close()
     if sup.terminate_via_control.is_set():
         sup.replied.wait(5.0)  # the terminate reply leaves before the process ends
     return 0

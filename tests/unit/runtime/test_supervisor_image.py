@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from enclavekit.errors import EIFFormatError
-from enclavekit.formats.cpio import BytesContent, CpioArchive, CpioEntry
+from enclavekit.formats.cpio import TRAILER_NAME, BytesContent, CpioArchive, CpioEntry, encode_header
 from enclavekit.formats.eif import BuildMetadata, EIFMetadata
 from enclavekit.image.eif_reader import measure_eif
 from enclavekit.image.eif_writer import BytesSource, EIFContent, write_eif
@@ -125,6 +125,36 @@ def test_write_through_a_symlink_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EIFFormatError, match="not a directory"):
         _unpack(tmp_path, BOOTSTRAP, evil)
     assert os.listdir(outside) == []
+
+
+def _raw_cpio(*entries: tuple[int, int, int, str, bytes]) -> bytes:
+    """A newc archive with chosen inode numbers and link counts: ``(ino, mode, nlink, name, data)``."""
+    out = b""
+    for ino, mode, nlink, name, data in entries:
+        out += encode_header(ino=ino, mode=mode, uid=0, gid=0, nlink=nlink, mtime=0, filesize=len(data),
+                             rdev_major=0, rdev_minor=0, name=name)
+        out += data + b"\0" * (-len(data) % 4)
+    return out + encode_header(ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0, filesize=0, rdev_major=0,
+                               rdev_minor=0, name=TRAILER_NAME)
+
+
+def test_hard_links_are_keyed_per_ramdisk(tmp_path: Path) -> None:
+    # both ramdisks number their inodes from 1: inode 7 is "a" in the first and "b" in the second.  newc stores
+    # a hard-linked file's data once (here with the last name); the empty names before it are its other links.
+    first = _raw_cpio((1, DIR, 2, "rootfs", b""), (7, REG, 2, "rootfs/a1", b""), (7, REG, 2, "rootfs/a2", b"AAAA"))
+    second = _raw_cpio((1, DIR, 2, "rootfs", b""), (7, REG, 2, "rootfs/b1", b""), (7, REG, 2, "rootfs/b2", b"BB"),
+                       (2, REG, 1, "cmd", b"/a1\n"))
+    out = io.BytesIO()
+    meta = EIFMetadata("img", "1", BuildMetadata("2024-01-01T00:00:00+00:00", "enclavekit", "0.1.0", "Linux", "6.1"))
+    write_eif(out, EIFContent(kernel=BytesSource(b"k"), cmdline=b"", metadata=meta,
+                              ramdisks=[BytesSource(first), BytesSource(second)]))
+    out.seek(0)
+    root = tmp_path / "root"
+    root.mkdir()
+    unpack_rootfs(out, measure_eif(out), root)
+    assert [(root / n).read_bytes() for n in ("a1", "a2", "b1", "b2")] == [b"AAAA", b"AAAA", b"BB", b"BB"]
+    assert os.path.samefile(root / "a1", root / "a2") and os.path.samefile(root / "b1", root / "b2")
+    assert not os.path.samefile(root / "a1", root / "b1")  # same inode number, other ramdisk: not a link
 
 
 def test_not_a_cpio_ramdisk_is_e35(tmp_path: Path) -> None:
