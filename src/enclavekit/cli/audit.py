@@ -42,7 +42,7 @@ from enclavekit.audit.trail import (
 from enclavekit.audit.validate import ValidationReport, validate_trail
 from enclavekit.errors import AuditError, AuditKeyError, ConfigError
 
-__all__ = ["register", "run_validate", "run_events", "run_public_key"]
+__all__ = ["register", "run_validate", "run_events", "run_public_key", "run_seal"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -92,6 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     k = asub.add_parser("public-key", help="print the trail's public signing key(s) as PEM, to pin them")
     k.add_argument("--trail", required=True, type=Path, help="the trail's state directory")
     k.set_defaults(func=run_public_key)
+
+    s = asub.add_parser("seal", help="deliver what the enclave runtime has spooled and write a sealing digest now",
+                        description="The enclave runtime's supervisors deliver their events without sealing (a "
+                        "digest is written when one is due). Seal the state directory's trail now, e.g. before "
+                        "`audit validate`. Not needed for `kms serve`, which seals on a clean stop.")
+    s.add_argument("--state-home", type=Path, default=None,
+                   help="the state directory (default: $ENCLAVEKIT_HOME, else /var/lib/enclavekit for root)")
+    s.set_defaults(func=run_seal)
 
 
 def _parse_time(text: str | None, name: str) -> datetime | None:
@@ -329,4 +337,19 @@ def run_public_key(args: argparse.Namespace) -> int:
         pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         print(f"# fingerprint {fp} (MD5, as in digests) sha256 {_sha256_fingerprint(key)}", file=sys.stderr)
         sys.stdout.write(pem.decode())
+    return 0
+
+
+def run_seal(args: argparse.Namespace) -> int:
+    from enclavekit._internal.state import state_home  # noqa: PLC0415 - only this sub-command needs them
+    from enclavekit.runtime.audit import load_audit_config, seal_runtime_trail  # noqa: PLC0415
+
+    home: Path = args.state_home if args.state_home is not None else state_home()
+    config = load_audit_config(home)
+    if config.trail is None:
+        raise ConfigError(f"the enclave runtime's audit trail is turned off in {home / 'audit.json'}")
+    if not seal_runtime_trail(home):
+        raise AuditError(f"the trail in {config.state_dir(home)} is being delivered by another process (for "
+                         "example kms serve); it seals on its own clean stop")
+    print(json.dumps({"Trail": str(config.state_dir(home)), "Sealed": True}, indent=2))
     return 0

@@ -83,3 +83,33 @@ def test_cli_validate_no_digests_fails(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["audit", "validate", "--trail", str(tmp_path / "t"), "--public-key", str(pem)]) == 2
     captured = capsys.readouterr()
     assert "No digests found" in captured.out and "GAP: No digests found" in captured.err
+
+
+def test_cli_seal_closes_the_runtime_trail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from enclavekit.runtime.audit import RuntimeAudit
+    from enclavekit.runtime.registry import EnclaveRecord
+
+    home = tmp_path / "home"
+    home.mkdir()
+    audit = RuntimeAudit(home, owner_uid=0)
+    record = EnclaveRecord(enclave_id="i-0000000000000000-enc0123456789abcdef", name="app", cid=16,
+                           owner_pid=os.getpid(), owner_start=1, state="RUNNING", owner_uid=0, memory_mib=64,
+                           cpu_ids=(1,), debug_mode=False, measurements={"PCR0": "00" * 48})
+    audit.terminate_enclave(record, via="test")
+    audit.close()
+    assert main(["audit", "seal", "--state-home", str(home)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"Trail": str(home / "audit"), "Sealed": True}
+    pem, _ = _export_key(home / "audit", tmp_path / "key.pem", capsys)
+    assert main(["audit", "validate", "--trail", str(home / "audit"), "--public-key", str(pem)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "events", "--trail", str(home / "audit"), "--json", "--public-key", str(pem)]) == 0
+    names = [e["eventName"] for e in json.loads(capsys.readouterr().out)]
+    assert names == ["TerminateEnclave"], names
+
+
+def test_cli_seal_refuses_when_the_trail_is_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "audit.json").write_text('{"trail": null}')
+    assert main(["audit", "seal", "--state-home", str(tmp_path)]) == 3
+    assert "turned off" in capsys.readouterr().err
