@@ -10,7 +10,10 @@
 * p50 / p99 latency of every load.
 
 The clients sign with their own small SigV4 implementation (hmac/hashlib, signing key cached per day) so that
-client cost stays low; the server checks every signature with botocore's signer.
+client cost stays low; the server checks every signature with botocore's signer.  The attestation document and its
+RSA key are made once, before any timed loop (a real client has them ready too); the server still verifies the
+whole document on every request.  Server and clients share the machine's cores, for both servers alike, so the
+ratios include the clients' CPU.
 
 Run: ``.venv/bin/python benchmarks/kms.py [--seconds 5] [--clients 3] [--workers 2]``.
 """

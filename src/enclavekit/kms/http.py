@@ -25,6 +25,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,10 @@ MAX_BODY = 1 << 20
 _ACCEPTED_TYPES = {"application/x-amz-json-1.1", "application/x-amz-json-1.0", "application/json"}
 _TARGET_RE = re.compile(r"TrentService\.([A-Za-z0-9]{1,64})")
 _CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
+# pre-fork balance: a worker already holding N connections waits N x this before accepting (capped), so an idle
+# worker, woken by the same readiness event, takes the connection first
+_ACCEPT_DELAY_S = 0.002
+_ACCEPT_DELAY_CAP = 10
 
 log = logging.getLogger("enclavekit.kms")
 
@@ -319,22 +324,49 @@ class KMSHTTPServer(ThreadingHTTPServer):
     served, keep-alive requests and all, by one thread of a pool of ``max_connections`` threads, so the service
     and the store only ever see that fixed set of threads (connections beyond it wait for a free thread).
     ``ssl_context`` enables TLS; the handshake runs in the connection's pool thread, never in the accept loop.
+
+    ``balance_accept`` (pre-fork, several workers on one socket): clients keep their connections alive, so
+    whichever worker accepts a connection serves all its requests.  Every worker is woken for each new
+    connection; without balancing the first one awake tends to take them all (three keep-alive clients measured
+    3 : 0 on two workers, leaving one core idle).  With it, a worker that already holds connections waits a few
+    milliseconds per held connection before its accept, so the least loaded worker wins the race; the loser's
+    non-blocking accept finds nothing and it goes back to waiting.  Only connection set-up is delayed.
     """
 
     daemon_threads = True
     request_queue_size = 256
 
     def __init__(self, app: KMSApp, sock: socket.socket, *, ssl_context: ssl.SSLContext | None = None,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, balance_accept: bool = False) -> None:
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.app = app
         self.ssl_context = ssl_context
         self.stopping = False
+        self.balance_accept = balance_accept
         self.pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="kms-conn")
         self._handlers: set[_Handler] = set()
         self._handlers_lock = threading.Lock()
+        self._held = 0  # accepted connections not yet closed
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        if self.balance_accept:
+            with self._handlers_lock:
+                held = self._held
+            if held:
+                time.sleep(min(held, _ACCEPT_DELAY_CAP) * _ACCEPT_DELAY_S)
+        # the socket is non-blocking: if another worker took the connection meanwhile this raises
+        # BlockingIOError, which socketserver treats as "nothing to accept"
+        accepted: tuple[socket.socket, Any] = self.socket.accept()
+        with self._handlers_lock:  # counted at once, not when its thread starts: a burst must see it
+            self._held += 1
+        return accepted
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._handlers_lock:
+            self._held -= 1
+        super().shutdown_request(request)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self.pool.submit(self.process_request_thread, request, client_address)

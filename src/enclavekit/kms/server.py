@@ -388,7 +388,7 @@ def _serve_worker(config: ServerConfig, sock: socket.socket, *, ssl_context: ssl
         audit = _open_audit(config)
         app = KMSApp(service, _CachedLookup(store), audit, region=config.region, account_id=config.account_id,
                      require_signed_target=config.require_signed_target)
-        server = KMSHTTPServer(app, sock, ssl_context=ssl_context)
+        server = KMSHTTPServer(app, sock, ssl_context=ssl_context, balance_accept=config.workers > 1)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="kms-accept", daemon=True)
         thread.start()

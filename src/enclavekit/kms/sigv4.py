@@ -34,9 +34,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
 from botocore.awsrequest import AWSRequest, HTTPHeaders  # type: ignore[import-untyped]
@@ -68,6 +71,7 @@ _KEY_ID_RE = re.compile(r"[A-Z0-9]{16,128}")
 _DATE_RE = re.compile(r"[0-9]{8}")
 _HEADER_NAME_RE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
+_AMZ_DATE_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z", re.ASCII)
 
 
 def _incomplete(message: str) -> KMSError:
@@ -142,6 +146,62 @@ class _ServerSigV4Auth(SigV4Auth):  # type: ignore[misc]
         return header_map
 
 
+@dataclass
+class _SigningRequest:
+    """What botocore's signer reads from a request (method, url, headers, body, params, context).
+
+    :class:`botocore.awsrequest.AWSRequest` would do, but building and preparing one per request costs more than
+    the rest of the check; the signer only reads these attributes, and the body is always bytes here.
+    """
+
+    method: str
+    url: str
+    body: bytes
+    headers: HTTPHeaders = field(default_factory=HTTPHeaders)
+    params: dict[str, str] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+class _SigningKeys:
+    """Derived SigV4 signing keys by (secret, date, region, service), as the AWS SDKs cache them (bounded LRU).
+
+    kDate = HMAC("AWS4" + secret, date), then region, service and "aws4_request": four HMACs that only change
+    once a day per credential.
+    """
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self.max_entries = max_entries
+        self._keys: OrderedDict[tuple[str, str, str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, secret: str, date: str, region: str, service: str) -> bytes:
+        index = (secret, date, region, service)
+        with self._lock:
+            hit = self._keys.get(index)
+            if hit is not None:
+                self._keys.move_to_end(index)
+                return hit
+        key = f"AWS4{secret}".encode()
+        for part in (date, region, service, "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        with self._lock:
+            self._keys[index] = key
+            if len(self._keys) > self.max_entries:
+                self._keys.popitem(last=False)
+        return key
+
+
+_SIGNING_KEYS = _SigningKeys()
+
+
+def _parse_amz_date(value: str) -> datetime:
+    """``yyyymmddThhmmssZ`` as UTC; the common exact form without strptime (same result, ValueError alike)."""
+    if _AMZ_DATE_RE.fullmatch(value):
+        return datetime(int(value[0:4]), int(value[4:6]), int(value[6:8]), int(value[9:11]), int(value[11:13]),
+                        int(value[13:15]), tzinfo=UTC)
+    return datetime.strptime(value, _AMZ_DATE).replace(tzinfo=UTC)
+
+
 def _header_values(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     for name, value in headers:
@@ -189,7 +249,7 @@ def verify_request(
         raise _incomplete("more than one X-Amz-Date header")
     amz_date = amz_date_values[0].strip()
     try:
-        when = datetime.strptime(amz_date, _AMZ_DATE).replace(tzinfo=UTC)
+        when = _parse_amz_date(amz_date)
     except ValueError:
         raise _incomplete("X-Amz-Date must have the form yyyymmddThhmmssZ") from None
     # step 3: the credential scope names this day, this region, and KMS
@@ -235,16 +295,17 @@ def _signature(*, method: str, path: str, values: dict[str, list[str]], body: by
     if not path.startswith("/"):
         raise _incomplete("the request path must start with '/'")
     # http:// so botocore always hashes the payload (it may skip that for https)
-    request = AWSRequest(method=method.upper(), url=f"http://{host}{path}", data=body)
+    request = _SigningRequest(method=method.upper(), url=f"http://{host}{path}", body=body)
     for name in auth.signed_headers:
         for value in values[name]:
             request.headers[name] = value  # HTTPHeaders appends: repeated headers keep every value
     request.context["timestamp"] = amz_date
     signer = _ServerSigV4Auth(Credentials(auth.access_key_id, secret), auth.region, auth.signed_headers)
     canonical = signer.canonical_request(request)
-    string_to_sign = signer.string_to_sign(request, canonical)
-    signature: str = signer.signature(string_to_sign, request)
-    return signature
+    string_to_sign: str = signer.string_to_sign(request, canonical)
+    # the last step of botocore's signer.signature(), with the derived key cached (same bytes, same result)
+    key = _SIGNING_KEYS.get(secret, amz_date[:8], auth.region, SERVICE)
+    return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def sign_request_headers(*, url: str, body: bytes, headers: dict[str, str], access_key_id: str, secret: str,

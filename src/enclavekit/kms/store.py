@@ -26,6 +26,7 @@ import sqlite3
 import stat
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -187,11 +188,32 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, text: str) -> KeyRecord:
+        # parse once per exact text: the row is still read on every lookup (other servers may change it), but an
+        # unchanged row maps to the same immutable record
+        with _RECORDS_LOCK:
+            hit = _RECORDS.get(text)
+            if hit is not None:
+                _RECORDS.move_to_end(text)
+                return hit
+        record = cls._parse(text)
+        with _RECORDS_LOCK:
+            _RECORDS[text] = record
+            if len(_RECORDS) > _MAX_CACHED_RECORDS:
+                _RECORDS.popitem(last=False)
+        return record
+
+    @classmethod
+    def _parse(cls, text: str) -> KeyRecord:
         doc = json.loads(text)
         for name in ("created", "deletion_date", "next_rotation", "last_rotation"):
             doc[name] = _undt(doc.get(name))
         doc["tags"] = tuple((k, v) for k, v in doc.get("tags", ()))
         return cls(**doc)
+
+
+_RECORDS: OrderedDict[str, KeyRecord] = OrderedDict()
+_RECORDS_LOCK = threading.Lock()
+_MAX_CACHED_RECORDS = 1024
 
 
 @dataclass(frozen=True)
