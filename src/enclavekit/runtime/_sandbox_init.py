@@ -205,8 +205,17 @@ class _Channel:
             raise _StageError(f"the parent stopped the set-up ({line[:40]!r})")
 
 
+def _set_oom_score_adj(value: int) -> None:
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(value))
+
+
 def _launch(spec: dict[str, Any], chan: _Channel, populate: Callable[[str], None] | None = None) -> NoReturn:
     stage: str = spec["stage"]
+    # When the enclave exceeds its memory limit the OOM killer must take the application, never this launcher or
+    # PID 1 (a Python process that can be the largest in the cgroup while the application's allocation is still being
+    # charged): both are exempt, set here while we still hold CAP_SYS_RESOURCE; the application is reset to 0 below.
+    _set_oom_score_adj(-1000)
     # 1. new namespaces; the parent writes our uid/gid maps
     _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
              | CLONE_NEWPID)
@@ -295,6 +304,7 @@ def _pid1(spec: dict[str, Any], chan: _Channel, program: bytes) -> NoReturn:
             os.close(err_r)
             for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
+            _set_oom_score_adj(0)  # the application is the one the OOM killer may take
             os.setgroups([])
             os.setgid(int(spec["gid"]))
             os.setuid(int(spec["uid"]))
