@@ -5,26 +5,44 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-
 from enclavekit.errors import EIFFormatError, FileOperationError
 from enclavekit.image.eif_reader import EIFInfo, measure_eif
-from enclavekit.image.signing import certificate_info, check_signature
 
-__all__ = ["describe_info", "describe_eif"]
+__all__ = ["describe_info", "describe_eif", "image_metadata"]
 
 
-def describe_info(info: EIFInfo) -> dict[str, Any]:
-    """§3.3 describe-eif, keys in nitro-cli's order.
+def image_metadata(info: EIFInfo) -> dict[str, Any]:
+    """``ImageName``, ``ImageVersion`` and ``Metadata`` of describe-eif (and describe-enclaves ``--metadata``).
 
     ``CustomMetadata`` is flattened into ``Metadata`` as nitro-cli does (serde ``flatten``); where nitro-cli would
     fail (a custom value that is not an object) it is kept under ``"CustomMetadata"``, and a custom key that
-    collides with a build field does not override it.
+    collides with a build field does not override it.  Needs no X.509: enclave launches call it.
     """
+    if info.metadata is None:
+        return {}
+    md = info.metadata
+    meta: dict[str, Any] = dict(md.build_metadata.to_json())
+    meta["DockerInfo"] = md.docker_info
+    custom = md.custom_metadata
+    if isinstance(custom, dict):
+        for key, value in sorted(custom.items()):
+            meta.setdefault(key, value)
+    elif custom is not None:
+        meta["CustomMetadata"] = custom
+    return {"ImageName": md.image_name, "ImageVersion": md.image_version, "Metadata": meta}
+
+
+def describe_info(info: EIFInfo) -> dict[str, Any]:
+    """§3.3 describe-eif, keys in nitro-cli's order (metadata as :func:`image_metadata` gives it)."""
     out: dict[str, Any] = {"EifVersion": info.header.version, "Measurements": info.measurements.to_json()}
     out["IsSigned"] = info.is_signed
     if info.signature is not None:
+        # only signed images need the X.509 stack
+        from cryptography import x509  # noqa: PLC0415
+        from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+
+        from enclavekit.image.signing import certificate_info, check_signature  # noqa: PLC0415
+
         assert info.certificate_der is not None  # the reader derived it from the PEM (PCR8)
         try:
             out["SigningCertificate"] = certificate_info(x509.load_der_x509_certificate(info.certificate_der))
@@ -33,19 +51,7 @@ def describe_info(info: EIFInfo) -> dict[str, Any]:
     out["CheckCRC"] = info.crc_ok
     if info.signature is not None:
         out["SignatureCheck"] = check_signature(info)
-    if info.metadata is not None:
-        md = info.metadata
-        out["ImageName"] = md.image_name
-        out["ImageVersion"] = md.image_version
-        meta: dict[str, Any] = dict(md.build_metadata.to_json())
-        meta["DockerInfo"] = md.docker_info
-        custom = md.custom_metadata
-        if isinstance(custom, dict):
-            for key, value in sorted(custom.items()):
-                meta.setdefault(key, value)
-        elif custom is not None:
-            meta["CustomMetadata"] = custom
-        out["Metadata"] = meta
+    out.update(image_metadata(info))
     return out
 
 

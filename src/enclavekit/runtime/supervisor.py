@@ -70,6 +70,7 @@ from enclavekit.errors import (
 from enclavekit.formats.cpio import MAGIC as CPIO_MAGIC
 from enclavekit.formats.cpio import iter_members
 from enclavekit.formats.eif import SectionType
+from enclavekit.image.describe import image_metadata
 from enclavekit.image.eif_reader import EIFInfo, measure_eif
 from enclavekit.nsm.server import NSMServer
 from enclavekit.runtime._sandbox_init import HEARTBEAT_BYTE, HEARTBEAT_PORT
@@ -203,25 +204,6 @@ class ApplicationSpec:
     workdir: str = "/"
     uid: int = 0
     gid: int = 0
-
-
-def _image_metadata(info: EIFInfo) -> dict[str, Any]:
-    """``ImageName``, ``ImageVersion`` and ``Metadata`` exactly as ``describe_info`` (image/describe.py) gives them.
-
-    Kept here so that a launch does not import describe's X.509 stack (start-up time, issue 4 benchmark).
-    """
-    if info.metadata is None:
-        return {}
-    md = info.metadata
-    meta: dict[str, Any] = dict(md.build_metadata.to_json())
-    meta["DockerInfo"] = md.docker_info
-    custom = md.custom_metadata
-    if isinstance(custom, dict):
-        for key, value in sorted(custom.items()):
-            meta.setdefault(key, value)
-    elif custom is not None:
-        meta["CustomMetadata"] = custom
-    return {"ImageName": md.image_name, "ImageVersion": md.image_version, "Metadata": meta}
 
 
 def _ramdisks(info: EIFInfo) -> tuple[Any, ...]:
@@ -709,7 +691,7 @@ class Supervisor:
             from enclavekit.image.signing import verify_eif_signature  # noqa: PLC0415 - X.509 for signed only
 
             verify_eif_signature(info, datetime.now(UTC))
-        return info, _image_metadata(info)
+        return info, image_metadata(info)
 
     def _start_nsm(self, record: EnclaveRecord, info: EIFInfo) -> None:
         """Listen on the NSM socket now; build the NSM (X.509, keys: the slow part) on a thread meanwhile.
