@@ -278,9 +278,11 @@ class Sandbox:
     @classmethod
     def start(cls, spec: SandboxSpec, *, cgroup_layout: CgroupLayout | None = None,
               stage_parent: Path | None = None, timeout: float = _START_TIMEOUT,
-              launcher: str = "fork") -> SandboxProcess:
-        """Start ``spec``; ``launcher`` is ``fork`` (a child of this process, the default) or ``exec`` (a fresh
-        ``python -m enclavekit.runtime._sandbox_init``; the root is then filled from here)."""
+              launcher: str = "exec") -> SandboxProcess:
+        """Start ``spec``; ``launcher`` is ``exec`` (a fresh ``python -m enclavekit.runtime._sandbox_init``, the
+        default; the root is then filled from here) or ``fork`` (a child of this process: faster, but the launcher
+        and PID 1 inherit this process's heap, and every inherited page they touch is charged to the enclave's
+        memory limit; only a small, known caller such as the enclave supervisor should fork)."""
         if launcher not in ("fork", "exec"):
             raise ValueError(f"launcher must be 'fork' or 'exec', got {launcher!r}")
         if os.geteuid() != 0:

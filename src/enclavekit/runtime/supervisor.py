@@ -804,7 +804,8 @@ class Supervisor:
                            **self._channels(record, app), **self._device_emulation(record, enclave_dir))
         _trace("supervisor: NSM listening, application read")
         try:
-            self.sandbox = Sandbox.start(spec, stage_parent=enclave_dir)
+            # fork: the supervisor's heap is small and the launch is timed by users (docs/runtime.md)
+            self.sandbox = Sandbox.start(spec, stage_parent=enclave_dir, launcher="fork")
         except SandboxBootError as exc:
             text = exc.details.get("console", "")
             if text:
