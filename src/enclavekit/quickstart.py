@@ -270,9 +270,10 @@ class Quickstart:
         """Time one step; a failure prints its own line and any foreign exception becomes a QuickstartError."""
         current = Step(name, title)
         self.current = name
-        self.progress(f"[bold]{title}[/bold] ...")
         start = time.monotonic()
         try:
+            # inside the try: a signal arriving right after the title is printed still ends the step visibly
+            self.progress(f"[bold]{title}[/bold] ...")
             yield current
         except BaseException as exc:
             current.failed = True
