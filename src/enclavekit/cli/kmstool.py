@@ -24,6 +24,7 @@ import json
 import sys
 from typing import Any
 
+from enclavekit.cli._args import bounded_int
 from enclavekit.errors import ConfigError
 
 __all__ = ["register", "run"]
@@ -69,16 +70,6 @@ def register(subparsers: Any) -> None:
     r.set_defaults(func=run)
 
 
-def _integer(name: str, text: str, low: int, high: int) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"Invalid argument provided: {name} must be an integer, got {text!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"Invalid argument provided: {name} must be in {low}..{high}, got {value}")
-    return value
-
-
 def _context(text: str | None) -> dict[str, str] | None:
     if text is None:
         return None
@@ -95,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     # imported here: `enclavekit --help` and other commands do not pay for botocore and the NSM client
     from enclavekit.sdk.kms import KEY_SPECS, AWSCredentials, KMSClient  # noqa: PLC0415
 
-    proxy_port = _integer("--proxy-port", args.proxy_port, 0, 0xFFFFFFFF)
+    proxy_port = bounded_int("--proxy-port", args.proxy_port, 0, 0xFFFFFFFF)
     try:
         credentials = AWSCredentials(args.aws_access_key_id, args.aws_secret_access_key, args.aws_session_token)
         client = KMSClient(args.region, credentials=credentials, endpoint=args.endpoint, proxy_port=proxy_port,
@@ -131,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"CIPHERTEXT: {base64.b64encode(key.ciphertext_blob).decode()}")
         print(f"PLAINTEXT: {base64.b64encode(key.plaintext).decode()}")
     else:
-        length = _integer("--length", args.length, 1, 1024)
+        length = bounded_int("--length", args.length, 1, 1024)
         print(f"PLAINTEXT: {base64.b64encode(client.generate_random(length)).decode()}")
     sys.stdout.flush()
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from enclavekit.cli._args import bounded_int
 from enclavekit.errors import ConfigError, FileOperationError
 from enclavekit.sdk.vsock import select_transport
 from enclavekit.vsock.address import MAX_PORT, VMADDR_CID_PARENT
@@ -57,16 +58,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _integer(name: str, text: str, low: int, high: int) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"Invalid argument provided: {name} must be an integer, got {text!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"Invalid argument provided: {name} must be in {low}..{high}, got {value}")
-    return value
-
-
 def _transport(vsock_dir: str | None) -> VsockTransport:
     if vsock_dir is not None:
         return UnixVsockTransport(vsock_dir, local_cid=VMADDR_CID_PARENT)
@@ -77,9 +68,9 @@ def _transport(vsock_dir: str | None) -> VsockTransport:
 
 
 def run(args: argparse.Namespace) -> int:
-    local_port = _integer("LOCAL_PORT", args.local_port, 0, MAX_PORT)
-    remote_port = _integer("REMOTE_PORT", args.remote_port, 1, 65535)
-    workers = _integer("--num_workers", args.workers, 1, 1024)
+    local_port = bounded_int("LOCAL_PORT", args.local_port, 0, MAX_PORT)
+    remote_port = bounded_int("REMOTE_PORT", args.remote_port, 1, 65535)
+    workers = bounded_int("--num_workers", args.workers, 1, 1024)
     family = IPFamily.V4 if args.ipv4 else IPFamily.V6 if args.ipv6 else IPFamily.ANY
 
     _configure_logging()
