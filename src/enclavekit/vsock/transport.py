@@ -507,18 +507,47 @@ class UnixVsockListener:
         self.close()
 
 
-class AsyncUnixVsockListener:
+class _AsyncQueueListener:
+    """The part both asyncio listeners share: accepted connections wait in a queue for :meth:`accept`."""
+
+    def __init__(self, address: VsockAddress) -> None:
+        self.address = address
+        self._queue: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter, VsockAddress]] = \
+            asyncio.Queue()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def accept(self, timeout: float | None = None
+                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, VsockAddress]:
+        if self._server is None:
+            raise TransportError(f"vsock listener {self.address} is closed")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
+        except TimeoutError as exc:
+            raise VsockTimeout(f"no connection on vsock {self.address} within {timeout:g} s") from exc
+
+    def _closed(self) -> None:
+        """Hook for what a subclass releases when the listener closes."""
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            self._closed()
+            while not self._queue.empty():  # connections nobody accepted are dropped, not left half-open
+                _, writer, _ = self._queue.get_nowait()
+                writer.transport.abort()
+
+
+class AsyncUnixVsockListener(_AsyncQueueListener):
     """asyncio listener: connections are handshaken in the background and queued for :meth:`accept`."""
 
     def __init__(self, address: VsockAddress, path: str, transport: UnixVsockTransport) -> None:
-        self.address = address
+        super().__init__(address)
         self.path = path
         self._transport = transport
         self._file = _UnlinkOnClose(path)
         self._peer_ports = _ports(EPHEMERAL_PORT_START)
-        self._queue: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter, VsockAddress]] = \
-            asyncio.Queue()
-        self._server: asyncio.AbstractServer | None = None
 
     async def _start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
@@ -536,24 +565,8 @@ class AsyncUnixVsockListener:
             return
         await self._queue.put((reader, writer, self._transport._peer_of_accepted(result.peer_port)))
 
-    async def accept(self, timeout: float | None = None
-                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, VsockAddress]:
-        if self._server is None:
-            raise TransportError(f"vsock listener {self.address} is closed")
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._queue.get()
-        except TimeoutError as exc:
-            raise VsockTimeout(f"no connection on vsock {self.address} within {timeout:g} s") from exc
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-            self._file.unlink()
-            while not self._queue.empty():
-                _, writer, _ = self._queue.get_nowait()
-                writer.transport.abort()
+    def _closed(self) -> None:
+        self._file.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- real AF_VSOCK
@@ -665,29 +678,10 @@ class AFVsockListener:
         self._sock.close()
 
 
-class AsyncAFVsockListener:
-    def __init__(self, address: VsockAddress) -> None:
-        self.address = address
-        self._queue: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter, VsockAddress]] = \
-            asyncio.Queue()
-        self._server: asyncio.AbstractServer | None = None
-
+class AsyncAFVsockListener(_AsyncQueueListener):
     async def _start(self, sock: Any) -> None:
         self._server = await asyncio.start_server(self._on_connection, sock=sock)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cid, port = writer.get_extra_info("peername")
         await self._queue.put((reader, writer, VsockAddress(cid, port)))
-
-    async def accept(self, timeout: float | None = None
-                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, VsockAddress]:
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._queue.get()
-        except TimeoutError as exc:
-            raise VsockTimeout(f"no connection on vsock {self.address} within {timeout:g} s") from exc
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
