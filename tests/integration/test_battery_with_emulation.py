@@ -14,17 +14,16 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vsock_support import EchoParent
 
 from enclavekit.runtime.nsm_device import NSMDevice, prepare_device_node
 from enclavekit.runtime.sandbox import Sandbox, SandboxSpec
 from enclavekit.runtime.vsock_translate import VsockTranslator
 from enclavekit.testing.nsm import FakeNSM
-from enclavekit.vsock.transport import UnixVsockTransport
 
 pytestmark = pytest.mark.integration
 
@@ -125,27 +124,6 @@ int main(int argc, char **argv) {
 """
 
 
-class _Echo:
-    """The parent's (3, port) listener: answers ``echo:<data>``."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.listener = UnixVsockTransport(root, local_cid=3).listen(port)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except Exception:
-                return
-            with conn:
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                conn.sendall(b"echo:" + data)
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     if os.geteuid() != 0:
@@ -162,7 +140,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     root = work / "vsock"
     (root / "3").mkdir(parents=True)
     (root / str(ENCLAVE_CID)).mkdir()
-    echo = _Echo(root, PARENT_PORT)
+    echo = EchoParent(root, PARENT_PORT)
     node, identity = prepare_device_node(work / "nsm.dev")
     device = NSMDevice(FakeNSM(), identity)
 
@@ -184,7 +162,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         tcp.settimeout(0.2)
         with pytest.raises(TimeoutError):
             tcp.accept()  # the host's listener was never reached
-    echo.listener.close()
+    echo.close()
     assert rc == 0, out
     assert device.executed == 1
     yield out.splitlines()

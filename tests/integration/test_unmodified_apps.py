@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from kms_support import REGION, KMSServer
+from vsock_support import EchoParent
 
 from enclavekit.attestation.issuer import DocumentIssuer
 from enclavekit.attestation.pki import LocalPKI
@@ -522,32 +522,6 @@ def test_nodev_run_dir_falls_back_to_the_host_null_for_the_sandbox_only(programs
 
 
 # ---------------------------------------------------------------------------------------------- AF_VSOCK
-
-
-class EchoParent:
-    """The parent's side: an SDK listener on (3, port) answering ``echo:<data>`` (a thread of the test)."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.listener = UnixVsockTransport(root, local_cid=3).listen(port)
-        self.peers: list[str] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except Exception:
-                return
-            with conn:
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                self.peers.append(str(peer))
-                conn.sendall(b"echo:" + data)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture
