@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ TRAILER_NAME = "TRAILER!!!"
 MAX_NAME_SIZE = 4096
 _MAX_FIELD = 0xFFFFFFFF
 _READ_CHUNK = 1 << 20
+_HEX_FIELDS = re.compile(rb"(?:[0-9a-fA-F]{8})+")  # the 13 fields of a header (or one of them)
 
 
 class CpioFormatError(FormatError):
@@ -285,12 +287,17 @@ def iter_members(stream: BinaryIO, length: int) -> Iterator[tuple[CpioMember, It
     """Walk a newc archive of ``length`` bytes read from ``stream`` (positioned at its start).
 
     Yields ``(member, data_chunks)``; ``data_chunks`` streams the member's data in chunks of at most 1 MiB and must
-    be consumed (or ignored: unread data is skipped) before the next member is requested.  Stops after the trailer;
-    anything other than zero padding after it is an error.
+    be consumed (or ignored: unread data is skipped, by seeking if the stream is seekable) before the next member is
+    requested.  ``member.data_offset`` is where the data starts, relative to the archive's first byte.  Stops after
+    the trailer; anything other than zero padding after it is an error.
     """
     if length < 0:
         raise ValueError("length must be >= 0")
     pos = 0
+    try:
+        seekable = bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        seekable = False
 
     while True:
         if length - pos < HEADER_SIZE:
@@ -299,15 +306,10 @@ def iter_members(stream: BinaryIO, length: int) -> Iterator[tuple[CpioMember, It
         head = _read_exact(stream, HEADER_SIZE, "a header", pos)
         if head[:6] != MAGIC:
             raise CpioFormatError(f"bad cpio magic at offset {pos}: expected 070701 (newc), found {head[:6]!r}")
-        values: list[int] = []
-        for i in range(13):
-            text = head[6 + 8 * i: 14 + 8 * i]
-            try:
-                if not all(c in b"0123456789abcdefABCDEF" for c in text):
-                    raise ValueError
-                values.append(int(text, 16))
-            except ValueError:
-                raise CpioFormatError(f"cpio header at offset {pos} has a non-hexadecimal field {i}") from None
+        if _HEX_FIELDS.fullmatch(head, 6) is None:
+            bad = next(i for i in range(13) if _HEX_FIELDS.fullmatch(head[6 + 8 * i: 14 + 8 * i]) is None)
+            raise CpioFormatError(f"cpio header at offset {pos} has a non-hexadecimal field {bad}")
+        values = [int(head[6 + 8 * i: 14 + 8 * i], 16) for i in range(13)]
         ino, mode, uid, gid, nlink, mtime, filesize, dmaj, dmin, rmaj, rmin, namesize, _check = values
         if namesize < 1 or namesize > MAX_NAME_SIZE:
             raise CpioFormatError(f"cpio entry at offset {pos} declares a name of {namesize} bytes "
@@ -354,7 +356,11 @@ def iter_members(stream: BinaryIO, length: int) -> Iterator[tuple[CpioMember, It
                 yield chunk
 
         yield member, data_chunks()
-        # Skip whatever the consumer did not read, then the data padding.
+        # Skip whatever the consumer did not read (a seek when the stream can: unpacking copies file data with
+        # sendfile and never reads it here), then the data padding.
+        if state["left"] and seekable:
+            stream.seek(state["left"], io.SEEK_CUR)
+            state["left"] = 0
         for _ in data_chunks():
             pass
         if _pad4(filesize):

@@ -123,6 +123,46 @@ def test_iter_members_streams_and_skips_unread_data() -> None:
     assert "rootfs/bin/app" in names
 
 
+class _Counting(io.BytesIO):
+    """Counts the bytes read; ``seekable`` can be turned off (a pipe)."""
+
+    def __init__(self, data: bytes, *, seekable: bool) -> None:
+        super().__init__(data)
+        self.read_total = 0
+        self._seekable = seekable
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunk = super().read(n)
+        self.read_total += len(chunk)
+        return chunk
+
+
+def test_unread_data_is_skipped_with_a_seek_when_the_stream_can() -> None:
+    big = b"x" * (3 << 20)
+    data = CpioArchive([CpioEntry("big", stat.S_IFREG | 0o644, content=BytesContent(big)),
+                        CpioEntry("small", stat.S_IFREG | 0o644, content=BytesContent(b"hello"))]).to_bytes()
+    seekable = _Counting(data, seekable=True)
+    members = [(m.name, m.data_offset, b"".join(chunks) if m.name == "small" else None)
+               for m, chunks in iter_members(seekable, len(data))]
+    assert [(name, content) for name, _, content in members] == [("big", None), ("small", b"hello")]
+    assert seekable.read_total < 4096  # headers, names and the small file only
+    assert data[members[1][1]:members[1][1] + 5] == b"hello"  # data_offset points at the data
+    piped = _Counting(data, seekable=False)
+    assert [m.name for m, _ in iter_members(piped, len(data))] == ["big", "small"]
+    assert piped.read_total >= len(big)  # without seeking, skipping means reading
+
+
+def test_a_skipped_member_past_the_end_is_truncation() -> None:
+    data = CpioArchive([CpioEntry("big", stat.S_IFREG | 0o644, content=BytesContent(b"y" * 100000))]).to_bytes()
+    cut = data[:50000]
+    with pytest.raises(CpioFormatError, match=r"past the end|truncated"):
+        for _member, _chunks in iter_members(io.BytesIO(cut), len(cut)):
+            pass
+
+
 def test_trailing_zero_padding_is_accepted() -> None:
     data = _archive().to_bytes() + b"\0" * 512
     assert len(decode(data)) == 7
