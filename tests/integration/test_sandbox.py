@@ -12,7 +12,9 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,15 @@ int main(int argc, char **argv) {
         printf("fsetxattr %s errno=%d\n", r2 < 0 ? "refused" : "ALLOWED", r2 < 0 ? e2 : 0);
         close(fd);
         return 0;
+    }
+    if (!strcmp(m, "write")) {  /* write argv[3] into argv[2] (created or truncated) */
+        int fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || write(fd, argv[3], strlen(argv[3])) < 0) { printf("write failed errno=%d\n", errno); return 1; }
+        close(fd); printf("write OK\n"); return 0;
+    }
+    if (!strcmp(m, "rm")) {
+        if (unlink(argv[2]) < 0) { printf("rm failed errno=%d\n", errno); return 1; }
+        printf("rm OK\n"); return 0;
     }
     if (!strcmp(m, "sleep")) { printf("ready\n"); for (;;) pause(); }
     if (!strcmp(m, "exit")) return atoi(argv[2]);
@@ -538,3 +549,114 @@ def test_an_application_exiting_during_its_boot_is_e36(probe: Path) -> None:
     assert info.value.code == "E36"
     assert "exited at boot with status 7" in str(info.value)
     assert _leftovers("enclavekit-exit-test") == []
+
+
+# ---------------------------------------------------------------- the shared image tree (image_store) as the root
+
+
+def _image_tree(probe: Path, tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    shutil.copy(probe, tree / "bin" / "probe")
+    (tree / "data").mkdir()
+    (tree / "data" / "keep.txt").write_text("from the image\n")
+    (tree / "data" / "gone.txt").write_text("to delete\n")
+    return tree
+
+
+def _run_on_tree(tree: Path, *args: str) -> tuple[int, str]:
+    def nothing(_root: Path) -> None:
+        return None
+
+    sp = Sandbox.start(SandboxSpec(argv=("/bin/probe", *args), rootfs=nothing, lower=str(tree), memory_mib=64,
+                                   pids_max=16, env={"PATH": "/bin"}))
+    try:
+        out = sp.console.read().decode(errors="replace")
+        return sp.wait(60), out
+    finally:
+        sp.close()
+        assert not _leftovers(sp.name), _leftovers(sp.name)
+
+
+def test_an_overlay_root_shows_the_tree_and_keeps_writes_private(probe: Path, tmp_path: Path) -> None:
+    tree = _image_tree(probe, tmp_path)
+    before = {p.relative_to(tree): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+    rc, out = _run_on_tree(tree, "cat", "/data/keep.txt")
+    assert rc == 0 and "from the image" in out
+    rc, out = _run_on_tree(tree, "ls", "/")
+    assert sorted(out.split("entries:")[1].split()) == ["bin", "data", "dev", "proc", "tmp"]  # no upper/work
+    rc, out = _run_on_tree(tree, "write", "/data/keep.txt", "changed inside")
+    assert rc == 0 and "write OK" in out, out
+    rc, out = _run_on_tree(tree, "rm", "/data/gone.txt")
+    assert rc == 0 and "rm OK" in out, out
+    rc, out = _run_on_tree(tree, "write", "/data/new.txt", "new")
+    assert rc == 0, out
+    after = {p.relative_to(tree): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+    assert after == before  # the shared tree is untouched: every write went to that sandbox's own tmpfs
+
+
+def test_a_missing_tree_is_refused(probe: Path, tmp_path: Path) -> None:
+    def nothing(_root: Path) -> None:
+        return None
+
+    link = tmp_path / "link"
+    link.symlink_to(_image_tree(probe, tmp_path))
+    for lower, match in ((tmp_path / "absent", "No such file"), (link, "symlinks are refused")):
+        with pytest.raises(SandboxError, match=match):
+            Sandbox.start(SandboxSpec(argv=("/bin/probe", "ls", "/"), rootfs=nothing, lower=str(lower),
+                                      memory_mib=64))
+
+
+@pytest.mark.parametrize("on_tree", [False, True])
+def test_image_symlinks_never_lead_the_launcher_to_the_host(probe: Path, tmp_path: Path, on_tree: bool) -> None:
+    # An image whose /tmp, /dev, /proc and /run point at host directories: the launcher makes /tmp 1777, creates
+    # the device and socket files and mounts /proc; all of it must happen inside the root, never on the host.
+    # not under /tmp: the image's own /tmp symlink would make /tmp/... loop inside the root instead of pointing at
+    # the host directory
+    outside = Path(tempfile.mkdtemp(prefix="ek-host-", dir="/var/tmp"))
+    try:
+        _symlinked_image_runs_inside(probe, tmp_path, outside, on_tree)
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def _symlinked_image_runs_inside(probe: Path, tmp_path: Path, outside: Path, on_tree: bool) -> None:
+    host = {name: outside / f"host-{name}" for name in ("tmp", "dev", "proc", "run")}
+    for d in host.values():
+        d.mkdir(mode=0o755)
+        d.chmod(0o755)
+    channel = tmp_path / "parent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(channel))
+
+        def fill(root: Path) -> None:
+            (root / "bin").mkdir(exist_ok=True)
+            if not (root / "bin" / "probe").exists():
+                shutil.copy(probe, root / "bin" / "probe")
+            for name, target in host.items():
+                (root / name).symlink_to(str(target))
+
+        if on_tree:
+            tree = tmp_path / "tree"
+            tree.mkdir()
+            fill(tree)
+
+            def nothing(_root: Path) -> None:
+                return None
+
+            spec = SandboxSpec(argv=("/bin/probe", "ls", "/dev"), rootfs=nothing, lower=str(tree), memory_mib=64,
+                               env={"PATH": "/bin"}, sockets={str(channel): "/run/enclave/parent.sock"})
+        else:
+            spec = SandboxSpec(argv=("/bin/probe", "ls", "/dev"), rootfs=fill, memory_mib=64, env={"PATH": "/bin"},
+                               sockets={str(channel): "/run/enclave/parent.sock"})
+        sp = Sandbox.start(spec)
+        try:
+            out = sp.console.read().decode(errors="replace")
+            rc = sp.wait(60)
+        finally:
+            sp.close()
+    assert rc == 0, out
+    assert sorted(out.split("entries:")[1].split()) == ["full", "null", "random", "urandom", "zero"]
+    for d in host.values():
+        assert os.listdir(d) == [], d
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d

@@ -48,6 +48,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -139,11 +140,51 @@ def _loopback_up() -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
+_SYMLINK_HOPS = 40  # as the kernel's ELOOP limit
+
+
 def _inside(stage: str, path: str) -> str:
+    """The host path of ``path`` in the root at ``stage``, every symlink on the way resolved *inside* that root.
+
+    The tree comes from the image, and the launcher works on it as root with the host's filesystem still visible:
+    a symlink ``/tmp -> /etc`` in an image must not make the launcher chmod the host's ``/etc``.  So each existing
+    component is looked at with ``lstat``; a symlink is followed the way the sandbox will see it after
+    ``pivot_root`` (an absolute target starts again at ``stage``, ``..`` stops at it).  The result has no symlink
+    in any existing component; components that do not exist yet are kept as they are (whoever creates them makes
+    real directories and files).  Nothing else writes to the root while the launcher sets it up.
+    """
     parts = [p for p in path.split("/") if p]
     if not path.startswith("/") or any(p in (".", "..") for p in parts):
         raise _StageError(f"path inside the sandbox must be absolute and canonical: {path!r}")
-    return os.path.join(stage, *parts)
+    pending = list(reversed(parts))
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(stage, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(part)
+            resolved.extend(reversed(pending))  # nothing below a missing component exists
+            break
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _SYMLINK_HOPS:
+                raise _StageError(f"too many symlinks resolving {path!r} in the image")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending.extend(reversed(target.split("/")))
+            continue
+        resolved.append(part)
+    return os.path.join(stage, *resolved)
 
 
 def _read_only(target: str) -> None:
@@ -153,7 +194,7 @@ def _read_only(target: str) -> None:
 
 def _bind_file(source: str, target: str, *, nodev: bool = True) -> None:
     os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
     _mount(source, target, None, MS_BIND)
     # Read-only: with the identity id map, inside root owns these host inodes and could chmod/chown them.
     # Opening a device node or connecting to a socket works on a read-only mount.
@@ -190,6 +231,53 @@ def _harden_proc(proc: str, dev_null: str) -> None:
             _read_only(path)
 
 
+def _overlay_root(stage: str, lower: str) -> None:
+    """The shared image tree (read-only) under the enclave's own tmpfs (every write), mounted over ``stage``.
+
+    The upper and work directories live in the tmpfs just mounted on ``stage``; the overlay then covers them, so
+    they are reachable only through the overlay.  ``userxattr`` keeps overlayfs's metadata in ``user.`` xattrs, as
+    it must inside a user namespace (kernels before 6.6 cannot put those on tmpfs: then without it).  Without
+    overlayfs the tree is copied, which is slower but the same root.
+    """
+    upper, work = os.path.join(stage, ".upper"), os.path.join(stage, ".work")
+    os.mkdir(upper, 0o755)
+    os.mkdir(work, 0o700)
+    base = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    for options in (base + ",userxattr", base):
+        try:
+            _mount("overlay", stage, "overlay", MS_NOSUID | MS_NODEV, options)
+            return
+        except _StageError:
+            continue
+    os.rmdir(upper)
+    os.rmdir(work)
+    _copy_tree(lower, stage)
+
+
+def _copy_tree(source: str, target: str) -> None:
+    """``source``'s tree into ``target`` with modes and owners: regular files, directories and symlinks."""
+    for directory, dirs, files in os.walk(source):
+        out = os.path.normpath(os.path.join(target, os.path.relpath(directory, source)))
+        if directory != source:
+            os.mkdir(out, 0o700)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
+            src, dst = os.path.join(directory, name), os.path.join(out, name)
+            info = os.lstat(src)
+            if stat.S_ISLNK(info.st_mode):
+                os.symlink(os.readlink(src), dst)
+            elif stat.S_ISREG(info.st_mode):
+                with open(src, "rb") as fin, open(dst, "xb") as fout:
+                    while os.sendfile(fout.fileno(), fin.fileno(), None, 1 << 30):
+                        pass
+                os.chmod(dst, stat.S_IMODE(info.st_mode))
+            else:
+                continue
+            os.lchown(dst, info.st_uid, info.st_gid)
+        st = os.lstat(directory)
+        os.chmod(out, stat.S_IMODE(st.st_mode))
+        os.lchown(out, st.st_uid, st.st_gid)
+
+
 class _Channel:
     def __init__(self, ctl: IO[bytes], status: IO[bytes]) -> None:
         self.ctl = ctl
@@ -203,6 +291,15 @@ class _Channel:
         line = self.ctl.readline()
         if line.strip() != b"go":
             raise _StageError(f"the parent stopped the set-up ({line[:40]!r})")
+
+
+def _trace(label: str) -> None:
+    """The launcher's phases in ``$ENCLAVEKIT_LAUNCH_TRACE`` (as the supervisor's; never from PID 1 after
+    ``pivot_root``, where the file is out of reach)."""
+    path = os.environ.get("ENCLAVEKIT_LAUNCH_TRACE")
+    if path:
+        with contextlib.suppress(OSError), open(path, "a") as fh:
+            fh.write(f"{os.getpid()} {time.monotonic():.6f} launcher: {label}\n")
 
 
 def _set_oom_score_adj(value: int) -> None:
@@ -221,17 +318,21 @@ def _launch(spec: dict[str, Any], chan: _Channel, populate: Callable[[str], None
              | CLONE_NEWPID)
     chan.report(stage="unshared")
     chan.await_go()
+    _trace("namespaces")
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     # 2. private mounts; the memory-only root; lo; host name
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(spec['tmpfs_size'])},mode=0755")
+    if spec.get("lower"):
+        _overlay_root(stage, str(spec["lower"]))
     _loopback_up()
     socket.sethostname(spec["hostname"])
     if populate is not None:
         # forked launcher: fill the root from here, inside the enclave's cgroup, so that its tmpfs pages are
         # charged to the enclave's memory limit and not to the supervisor's
         populate(stage)
+    _trace("root filled")
     chan.report(stage="mounted", populated=populate is not None)
     chan.await_go()
     # 3. the only host paths the sandbox sees: device nodes and channel sockets (bind mounts must come from
@@ -259,6 +360,7 @@ def _launch(spec: dict[str, Any], chan: _Channel, populate: Callable[[str], None
             os._exit(125)
     if spec.get("notify_fd") is not None:
         os.close(int(spec["notify_fd"]))  # PID 1 holds it; the launcher must not
+    _trace("PID 1 started")
     chan.report(stage="pid1", pid=pid)
     chan.status.close()
     chan.ctl.close()

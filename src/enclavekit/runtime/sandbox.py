@@ -93,6 +93,13 @@ class SandboxSpec:
     on cgroup v2 without it only ``sched_setaffinity`` remains, which the application can undo.
     :attr:`SandboxProcess.cpu_pinning` says which one holds; ``require_cpuset`` turns the fallback into a
     SandboxError.
+
+    ``inherit_fds``: descriptors the ``rootfs`` callable reads from (the supervisor's open EIF).  A forked launcher
+    keeps them open for the callable and closes them as soon as the root is filled, before PID 1 exists.
+
+    ``lower``: a host directory holding the image's tree (:mod:`~enclavekit.runtime.image_store`).  The root is then
+    an overlay: that tree read-only below, the sandbox's tmpfs above taking every write; ``rootfs`` still runs, on
+    top.  Nobody may change the directory while the sandbox runs.
     """
 
     argv: tuple[str, ...]
@@ -116,6 +123,8 @@ class SandboxSpec:
     devices: Mapping[str, str] = field(default_factory=dict)
     notification_handlers: tuple[NotificationHandler, ...] = ()
     require_cpuset: bool = False
+    inherit_fds: tuple[int, ...] = ()
+    lower: str | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
@@ -140,6 +149,8 @@ class SandboxSpec:
                 raise ValueError("a host directory cannot become the sandbox's root")
         if self.heartbeat is not None and not os.path.isabs(self.heartbeat):
             raise ValueError(f"heartbeat must be an absolute host path: {self.heartbeat!r}")
+        if self.lower is not None and (not os.path.isabs(self.lower) or "," in self.lower or ":" in self.lower):
+            raise ValueError(f"lower must be an absolute host path without ',' or ':': {self.lower!r}")
         if not isinstance(self.rootfs, Path) and not callable(self.rootfs):
             raise TypeError("rootfs must be a Path or a callable(root: Path)")
         for host, inside in self.devices.items():
@@ -301,6 +312,13 @@ class Sandbox:
                 raise SandboxError(f"channel directory {host}: {exc.strerror}") from exc
             if not stat.S_ISDIR(mode):
                 raise SandboxError(f"channel directory {host} is not a directory (symlinks are refused)")
+        if spec.lower is not None:
+            try:
+                lower_mode = os.lstat(spec.lower).st_mode
+            except OSError as exc:
+                raise SandboxError(f"image tree {spec.lower}: {exc.strerror}") from exc
+            if not stat.S_ISDIR(lower_mode):
+                raise SandboxError(f"image tree {spec.lower} is not a directory (symlinks are refused)")
         for host in spec.devices:
             try:
                 mode = os.stat(host).st_mode
@@ -350,7 +368,7 @@ class Sandbox:
                 notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 passed.append(notify[1].fileno())
             if launcher == "fork":
-                proc = _fork_launcher(ctl_r, status_w, passed, spec.rootfs)
+                proc = _fork_launcher(ctl_r, status_w, passed, spec.rootfs, spec.inherit_fds)
             else:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "enclavekit.runtime._sandbox_init", str(ctl_r), str(status_w)],
@@ -375,7 +393,7 @@ class Sandbox:
                 "uid": spec.uid, "gid": spec.gid, "cpu_ids": list(spec.cpu_ids or ()),
                 "seccomp": program.hex(), "seccomp_flags": seccomp_flags,
                 "devices": [[h, _canonical_inside(i)] for h, i in spec.devices.items()],
-                "notify_fd": passed[2] if notify is not None else None,
+                "notify_fd": passed[2] if notify is not None else None, "lower": spec.lower,
             }
             _converse(sandbox, spec, doc, ctl_w, status_r, deadline=time.monotonic() + timeout,
                       notify=(notify[0], table) if notify is not None else None)
@@ -533,13 +551,23 @@ class _ForkedLauncher:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
 
-def _fork_launcher(ctl_r: int, status_w: int, passed: list[int],
-                   rootfs: Path | Callable[[Path], None]) -> _ForkedLauncher:
+def _fork_launcher(ctl_r: int, status_w: int, passed: list[int], rootfs: Path | Callable[[Path], None],
+                   inherit: tuple[int, ...] = ()) -> _ForkedLauncher:
     """Fork the launcher from this process (no second interpreter, issue 4's start-up budget).
 
-    The child keeps only stdin (/dev/null), the console pipe on stdout/stderr and ``passed``, starts a session, and
-    runs :func:`~enclavekit.runtime._sandbox_init.run_forked`, which fills the root itself (in the enclave's cgroup).
+    The child keeps only stdin (/dev/null), the console pipe on stdout/stderr, ``passed`` and (until the root is
+    filled) ``inherit``, starts a session, and runs :func:`~enclavekit.runtime._sandbox_init.run_forked`, which
+    fills the root itself (in the enclave's cgroup).
     """
+
+    def fill(stage: str) -> None:
+        try:
+            _populate(Path(stage), rootfs)
+        finally:
+            for fd in inherit:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     console_r, console_w = os.pipe()
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -554,10 +582,10 @@ def _fork_launcher(ctl_r: int, status_w: int, passed: list[int],
             os.dup2(devnull, 0)
             os.dup2(console_w, 1)
             os.dup2(console_w, 2)
-            keep = sorted({0, 1, 2, *passed})
+            keep = sorted({0, 1, 2, *passed, *inherit})
             for low, high in zip(keep, [*keep[1:], _max_fd()], strict=True):
                 os.closerange(low + 1, high)
-            run_forked(ctl_r, status_w, lambda stage: _populate(Path(stage), rootfs))
+            run_forked(ctl_r, status_w, fill)
         finally:
             os._exit(125)
     os.close(console_w)
