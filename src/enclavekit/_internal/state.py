@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -47,6 +46,8 @@ def ensure_private_dir(path: Path) -> Path:
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` atomically with permissions ``mode`` (the file never exists with wider ones)."""
+    import tempfile  # noqa: PLC0415 - run-enclave's start-up imports this module (state_home) but never writes
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)

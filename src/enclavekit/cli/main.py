@@ -11,7 +11,6 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 
 from enclavekit import __version__
@@ -70,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except EnclaveKitError as exc:
         if os.environ.get("BACKTRACE") == "1":
+            import traceback  # noqa: PLC0415 - start-up time: only when asked for
+
             traceback.print_exc()
         print(exc.diagnostics(), file=sys.stderr)
         return exc.exit_status
@@ -80,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except Exception as exc:  # a bug, not a user error: say so plainly
         if os.environ.get("BACKTRACE") == "1":
+            import traceback  # noqa: PLC0415 - start-up time: only when asked for
+
             traceback.print_exc()
         print(f"[ E00 ] internal error: {type(exc).__name__}: {exc}\n"
               "  this is a bug in enclavekit; run again with BACKTRACE=1 and report the traceback",

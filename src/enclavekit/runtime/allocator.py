@@ -20,6 +20,7 @@ from pathlib import Path
 
 from enclavekit._internal.state import atomic_write, ensure_private_dir, file_lock
 from enclavekit.errors import AllocatorError, ConfigError, FileOperationError
+from enclavekit.runtime.params import parse_memory
 
 __all__ = [
     "MIN_ENCLAVE_MEMORY_MIB",
@@ -44,11 +45,9 @@ EIF_SIZE_RATIO = 4
 # Sanity caps on untrusted text (kernel cpu-lists are ≤ 512 chars, spec §3.7).
 _MAX_CPU_LIST_LEN = 512
 _MAX_CPU_ID = 8191
-_MAX_MEMORY_MIB = 1 << 40
 _MAX_YAML_LEN = 64 * 1024
 
 _CPU_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
-_MEMORY = re.compile(r"^(\d{1,20})([MmGgTt]?)$")
 _ENCLAVE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -94,23 +93,6 @@ def format_cpu_list(ids: Iterable[int]) -> str:
         out.append(str(sorted_ids[i]) if i == j else f"{sorted_ids[i]}-{sorted_ids[j]}")
         i = j + 1
     return ",".join(out)
-
-
-def parse_memory(text: str) -> int:
-    """nitro-cli's ``--memory``: an integer with an optional unit (spec §3.2), returned in MiB.
-
-    ``M``/``m``/none = MiB, ``G``/``g`` = ×1024, ``T``/``t`` = ×1024².  Anything else (``256_mb``, ``1.5G``,
-    ``-1``) is E03.  ``0`` parses (the allocator then refuses it with E26, as nitro-cli does).
-    """
-    if not isinstance(text, str):
-        raise TypeError("memory must be a str")
-    m = _MEMORY.match(text)
-    if m is None:
-        raise ConfigError(f"--memory: expected an integer with an optional unit M, G or T, got {text[:40]!r}")
-    value = int(m.group(1)) * {"": 1, "m": 1, "g": 1024, "t": 1024 * 1024}[m.group(2).lower()]
-    if value > _MAX_MEMORY_MIB:
-        raise ConfigError(f"--memory: {text!r} is larger than {_MAX_MEMORY_MIB} MiB")
-    return value
 
 
 def minimum_memory_mib(eif_size: int) -> int:

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,14 @@ from typing import Any
 from enclavekit._internal.state import atomic_write, file_lock
 from enclavekit.errors import ConfigError, EnclaveKitError, FileOperationError
 from enclavekit.runtime.allocator import process_start_time
+from enclavekit.runtime.params import (
+    DEFAULT_RUN_DIR,
+    MAX_ENCLAVE_CID,
+    PARENT_CID,
+    RUN_DIR_ENV,
+    parse_enclave_cid,
+    run_dir,
+)
 
 __all__ = [
     "RUN_DIR_ENV",
@@ -63,12 +71,8 @@ __all__ = [
     "Registry",
 ]
 
-RUN_DIR_ENV = "ENCLAVEKIT_RUN_DIR"
-DEFAULT_RUN_DIR = Path("/run/enclavekit")
-# §3.5: the parent is CID 3; enclaves get 4 … 2^32-2; auto CIDs are observed to start at 16.
-PARENT_CID = 3
+# §3.5: the parent is CID 3 (runtime.params); enclaves get 4 … 2^32-2; auto CIDs are observed to start at 16.
 MIN_ENCLAVE_CID = 4
-MAX_ENCLAVE_CID = 0xFFFFFFFF - 1
 AUTO_CID_START = 16
 # §3.4: the id prefix when the board asset tag (the EC2 instance id) is not available.
 DEFAULT_INSTANCE_ID = "i-0000000000000000"
@@ -82,35 +86,7 @@ _SUN_PATH_MAX = 107
 RECORD_VERSION = 1
 
 
-def run_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The run directory: ``$ENCLAVEKIT_RUN_DIR`` if set and non-empty, else ``/run/enclavekit``."""
-    env = os.environ if environ is None else environ
-    value = env.get(RUN_DIR_ENV, "")
-    return Path(value) if value else DEFAULT_RUN_DIR
-
-
 # ---------------------------------------------------------------- pure naming rules
-
-def parse_enclave_cid(text: str) -> int | None:
-    """``--enclave-cid`` as nitro-cli checks it (§3.5): None for ``0`` (auto), else a CID in 4 … 2^32-2.
-
-    A non-number, the well-known CIDs 1 and 2, the parent's 3, and 2^32-1 or more are E03.
-    """
-    if not isinstance(text, str):
-        raise TypeError("the CID must be given as str")
-    if not text.isdigit() or len(text) > 20:
-        raise ConfigError(f"--enclave-cid: expected a decimal number, got {text[:40]!r}")
-    cid = int(text)
-    if cid == 0:
-        return None
-    if cid <= 2:
-        raise ConfigError(f"--enclave-cid {cid}: CIDs 1 and 2 are well-known CIDs (local, host) and cannot be used")
-    if cid == PARENT_CID:
-        raise ConfigError(f"--enclave-cid {cid}: CID 3 is the parent instance's")
-    if cid > MAX_ENCLAVE_CID:
-        raise ConfigError(f"--enclave-cid {cid}: the largest enclave CID is {MAX_ENCLAVE_CID}")
-    return cid
-
 
 def read_instance_id(path: Path = _BOARD_ASSET_TAG) -> str:
     """The EC2 instance id from the board asset tag (whitespace removed), else ``i-0000000000000000`` (§3.4)."""
