@@ -7,6 +7,7 @@ fails the test (habit 7: prove offline tests are offline).
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
 FIXTURES = SHARED / "fixtures"
+
+# No test leaves a resident launch server behind (enclavekit.runtime.launch_server): it is off for the whole
+# session, for this process and every CLI it starts; tests/integration/test_launch_server.py turns it on explicitly.
+os.environ["ENCLAVEKIT_LAUNCH_SERVER"] = "off"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -64,6 +64,7 @@ from rich.table import Table
 from enclavekit import __version__
 from enclavekit._internal import state
 from enclavekit.errors import ConfigError, EnclaveKitError
+from enclavekit.runtime.launch_server import stop_server
 from enclavekit.runtime.pyroot import build_python_rootfs
 from enclavekit.sdk import vsock
 from enclavekit.vsock.transport import UnixVsockTransport
@@ -525,6 +526,7 @@ class Quickstart:
 
         if self._enclaves_started and self.run_dir.exists():
             attempt("terminate-enclave --all", lambda: self.cli("terminate-enclave", "--all", timeout=120))
+            attempt("launch server", lambda: stop_server(self.run_dir))  # the one the first run-enclave started
         if self._proxy is not None:
             proxy, self._proxy = self._proxy, None
             attempt("vsock-proxy", lambda: _stop(proxy))

@@ -12,19 +12,17 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
-import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from enclavekit._internal.state import state_home
 from enclavekit.errors import AllocatorError, ConfigError, EnclaveKitError, FileOperationError
-from enclavekit.runtime import control
-from enclavekit.runtime.allocator import parse_memory, process_start_time
-from enclavekit.runtime.console import copy_stream
-from enclavekit.runtime.registry import EnclaveRecord, Registry, parse_enclave_cid, run_dir
-from enclavekit.runtime.supervisor import RunRequest, clean_stale, launch
+
+if TYPE_CHECKING:
+    from enclavekit.runtime.registry import EnclaveRecord, Registry
+
+# Start-up time: run-enclave is timed by users, and a running launch server
+# (enclavekit.runtime.launch_server) takes the request without this process ever importing the runtime.  So
+# only light modules are imported here; each command imports the rest where it needs it.
 
 __all__ = ["register", "run_enclave", "describe_enclaves", "terminate_enclave", "console", "parse_config"]
 
@@ -74,7 +72,16 @@ def _dump(obj: Any) -> None:
 
 
 def _registry() -> Registry:
+    from enclavekit.runtime.registry import Registry, run_dir  # noqa: PLC0415
+
     return Registry(run_dir())
+
+
+def _clean_stale(registry: Registry) -> None:
+    from enclavekit._internal.state import state_home  # noqa: PLC0415
+    from enclavekit.runtime.supervisor import clean_stale  # noqa: PLC0415
+
+    clean_stale(registry, state_home())
 
 
 def _int_arg(name: str, text: str, *, code: str = "E03") -> int:
@@ -134,6 +141,8 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    from enclavekit.runtime.params import parse_enclave_cid, parse_memory  # noqa: PLC0415
+
     if args.eif_path is None:
         raise EnclaveKitError("run-enclave: --eif-path is required", code="E01")
     if args.memory is None:
@@ -185,19 +194,36 @@ def run_enclave(args: argparse.Namespace) -> int:
         raise FileOperationError(f"the EIF {eif} does not exist or is not a file",
                                  details={"File": eif, "failing operation": "Open"})
     debug = params["debug_mode"] or params["attach_console"]  # §3.2: --attach-console implies debug
-    request = RunRequest(
-        eif_path=os.path.abspath(eif), memory_mib=params["memory_mib"], cpu_count=params["cpu_count"],
-        cpu_ids=tuple(params["cpu_ids"]) if params["cpu_ids"] is not None else None,
-        enclave_cid=params["enclave_cid"], debug_mode=debug, enclave_name=params["enclave_name"],
-        parent_role_arn=args.parent_role_arn, parent_instance_id=args.parent_instance_id,
-        run_dir=str(run_dir()), state_home=str(state_home()), owner_uid=os.getuid(),
-        device_emulation=not args.no_device_emulation)
-    registry = _registry()
-    registry.ensure()
-    clean_stale(registry, Path(request.state_home))
-    info = launch(request, on_stderr=lambda line: print(line, file=sys.stderr, flush=True))
+    from enclavekit._internal.state import state_home  # noqa: PLC0415
+    from enclavekit.runtime.launch_server import launch_via_server  # noqa: PLC0415
+    from enclavekit.runtime.params import run_dir  # noqa: PLC0415
+
+    # RunRequest.to_json()'s fields; RunRequest.from_json checks them (in the server, or below)
+    request = {
+        "eif_path": os.path.abspath(eif), "memory_mib": params["memory_mib"], "cpu_count": params["cpu_count"],
+        "cpu_ids": list(params["cpu_ids"]) if params["cpu_ids"] is not None else None,
+        "enclave_cid": params["enclave_cid"], "debug_mode": debug, "enclave_name": params["enclave_name"],
+        "parent_role_arn": args.parent_role_arn, "parent_instance_id": args.parent_instance_id,
+        "run_dir": str(run_dir()), "state_home": str(state_home()), "owner_uid": os.getuid(),
+        "device_emulation": not args.no_device_emulation}
+
+    def on_stderr(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # the fast path: a running launch server starts the supervisor (and cleans stale records there)
+    info = launch_via_server(request, on_stderr=on_stderr)
+    if info is None:
+        from enclavekit.runtime.supervisor import RunRequest, launch  # noqa: PLC0415
+
+        run_request = RunRequest.from_json(request)
+        registry = _registry()
+        registry.ensure()
+        _clean_stale(registry)
+        # the server was asked above (and declined, or there is none): launch directly, then start one
+        info = launch(run_request, on_stderr=on_stderr, use_server=False, start_server_after=True)
     _dump(info)
     if params["attach_console"]:
+        registry = _registry()
         _stream_console(registry, registry.find(enclave_id=info["EnclaveID"]), None)
     return 0
 
@@ -205,8 +231,10 @@ def run_enclave(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- describe-enclaves
 
 def describe_enclaves(args: argparse.Namespace) -> int:
+    from enclavekit.runtime import control  # noqa: PLC0415
+
     registry = _registry()
-    clean_stale(registry, state_home())
+    _clean_stale(registry)
     out: list[dict[str, Any]] = []
     failed = 0
     for rec in registry.live_records():
@@ -228,6 +256,11 @@ def describe_enclaves(args: argparse.Namespace) -> int:
 
 def _kill_supervisor(rec: EnclaveRecord) -> None:
     """Last resort for a supervisor that does not answer: SIGKILL it (its sandbox dies with it)."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from enclavekit.runtime.allocator import process_start_time  # noqa: PLC0415
+
     try:
         fd = os.pidfd_open(rec.owner_pid)
     except OSError:
@@ -245,6 +278,10 @@ def _kill_supervisor(rec: EnclaveRecord) -> None:
 
 
 def _terminate(registry: Registry, rec: EnclaveRecord) -> dict[str, Any]:
+    import time  # noqa: PLC0415
+
+    from enclavekit.runtime import control  # noqa: PLC0415
+
     try:
         result: dict[str, Any] = control.request(registry.control_path(rec.enclave_id), "terminate",
                                                  timeout=_TERMINATE_TIMEOUT)
@@ -252,7 +289,7 @@ def _terminate(registry: Registry, rec: EnclaveRecord) -> dict[str, Any]:
         if exc.code not in ("E38", "E39", "E40", "E08"):
             raise
         _kill_supervisor(rec)
-        clean_stale(registry, state_home())
+        _clean_stale(registry)
         result = {"EnclaveName": rec.name, "EnclaveID": rec.enclave_id, "Terminated": True}
     # wait until the supervisor process is gone, so nothing of it outlives the command
     deadline = time.monotonic() + 5.0
@@ -270,10 +307,10 @@ def terminate_enclave(args: argparse.Namespace) -> int:
         raise EnclaveKitError("terminate-enclave: --enclave-id, --enclave-name and --all exclude each other",
                               code="E02")
     registry = _registry()
-    clean_stale(registry, state_home())
+    _clean_stale(registry)
     if args.all:
         results = [_terminate(registry, rec) for rec in registry.live_records()]
-        clean_stale(registry, state_home())
+        _clean_stale(registry)
         _dump(results)
         return 0
     rec = registry.find(enclave_id=args.enclave_id, name=args.enclave_name)
@@ -284,6 +321,9 @@ def terminate_enclave(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- console
 
 def _stream_console(registry: Registry, rec: EnclaveRecord, disconnect_timeout: float | None) -> None:
+    from enclavekit.runtime import control  # noqa: PLC0415
+    from enclavekit.runtime.console import copy_stream  # noqa: PLC0415
+
     sock = control.connect(registry.control_path(rec.enclave_id))
     with sock:
         sock.sendall(control.encode_request("console"))
@@ -308,7 +348,7 @@ def console(args: argparse.Namespace) -> int:
     if args.disconnect_timeout is not None:
         timeout = float(_int_arg("--disconnect-timeout", args.disconnect_timeout))
     registry = _registry()
-    clean_stale(registry, state_home())
+    _clean_stale(registry)
     rec = registry.find(enclave_id=args.enclave_id, name=args.enclave_name)
     _stream_console(registry, rec, timeout)
     return 0

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -73,11 +74,13 @@ from enclavekit.formats.eif import SectionType
 from enclavekit.image.describe import image_metadata
 from enclavekit.image.eif_reader import EIFInfo, measure_eif
 from enclavekit.nsm.server import NSMServer
+from enclavekit.runtime import _sandbox_init, image_store
 from enclavekit.runtime._sandbox_init import HEARTBEAT_BYTE, HEARTBEAT_PORT
 from enclavekit.runtime.allocator import AllocationLedger
 from enclavekit.runtime.audit import RuntimeAudit
 from enclavekit.runtime.console import ConsoleRecorder, tail_lines
 from enclavekit.runtime.control import ControlServer, Request, encode_reply
+from enclavekit.runtime.image_store import FileIdentity
 from enclavekit.runtime.registry import (
     PARENT_CID,
     EnclaveRecord,
@@ -113,6 +116,8 @@ INSIDE_VSOCK_DIR = f"{INSIDE_RUN_DIR}/vsock"
 DEFAULT_PATH = "/sbin:/usr/sbin:/bin:/usr/bin"  # §3.10 step 3: init's PATH
 PARENT_CONFIG = "parent.json"
 _SMALL_FILE_MAX = 1 << 20  # cmd, env, workdir, user, etc/passwd, etc/group
+# read-ahead when walking a ramdisk: a header and its name, not the data that follows (skipped, or sent by the kernel)
+_HEADER_READ = 4096
 _CONSOLE_TAIL_LINES = 20
 _GIB = 1024 ** 3
 
@@ -156,10 +161,42 @@ class RunRequest:
         unknown = set(obj) - names
         if unknown:
             raise ValueError(f"unknown run request fields {sorted(unknown)}")
+        missing = {"eif_path", "memory_mib"} - set(obj)
+        if missing:
+            raise ValueError(f"missing run request fields {sorted(missing)}")
+        # JSON from another process (the launch server's client): every field has exactly its type (a bool is
+        # not an int here, an int is not a str)
+        for name, value in obj.items():
+            kind = _REQUEST_TYPES[name]
+            ok = (value is None and kind.endswith("?")) or {
+                "str": isinstance(value, str),
+                "int": isinstance(value, int) and not isinstance(value, bool),
+                "bool": isinstance(value, bool),
+                "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+                "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                        for v in value),
+            }[kind.rstrip("?")]
+            if not ok:
+                raise ValueError(f"run request field {name} must be {_TYPE_NAMES[kind]}, not "
+                                 f"{type(value).__name__}")
         kwargs = dict(obj)
         if kwargs.get("cpu_ids") is not None:
             kwargs["cpu_ids"] = tuple(kwargs["cpu_ids"])
         return cls(**kwargs)
+
+
+# RunRequest.from_json: the JSON type of each field ("?": or null)
+_REQUEST_TYPES = {
+    "eif_path": "str", "memory_mib": "int", "cpu_count": "int?", "cpu_ids": "ints?", "enclave_cid": "int?",
+    "debug_mode": "bool", "enclave_name": "str?", "parent_role_arn": "str?", "parent_instance_id": "str?",
+    "run_dir": "str", "state_home": "str", "owner_uid": "int", "boot_timeout": "number?",
+    "device_emulation": "bool",
+}
+_TYPE_NAMES = {
+    "str": "a string", "int": "an integer", "bool": "a boolean", "number": "a number",
+    "ints": "a list of integers",
+}
+_TYPE_NAMES.update({f"{k}?": f"{v} or null" for k, v in list(_TYPE_NAMES.items())})
 
 
 def boot_timeout(eif_size: int, memory_mib: int) -> float:
@@ -206,42 +243,155 @@ class ApplicationSpec:
     gid: int = 0
 
 
+@dataclass
+class _LoadedImage:
+    """What a launch takes from its EIF: PCRs (``describe-enclaves`` JSON shape), size, metadata, application, and
+    how the root is filled: ``populate`` (unpack the sealed copy into a private root) or ``lower`` (a shared tree
+    of the image store)."""
+
+    measurements: dict[str, str]
+    file_size: int
+    metadata: dict[str, Any] | None
+    app: ApplicationSpec
+    populate: Callable[[Path], None] | None = None
+    lower: str | None = None
+
+    def facts(self, key: str) -> dict[str, Any]:
+        """What the image store remembers for the next launch of the same file (everything but the tree)."""
+        return {"key": key, "measurements": self.measurements, "file_size": self.file_size,
+                "metadata": self.metadata, "argv": list(self.app.argv), "env": self.app.env,
+                "workdir": self.app.workdir, "uid": self.app.uid, "gid": self.app.gid}
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any]) -> _LoadedImage:
+        """The inverse of :meth:`facts`; TypeError/ValueError for anything that does not have their shape."""
+        m, argv, env, metadata = facts["measurements"], facts["argv"], facts["env"], facts["metadata"]
+        if not (isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+                and m.get("PCR0") == facts["key"]):
+            raise ValueError("measurements")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise ValueError("argv")
+        if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise ValueError("env")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError("metadata")
+        ints = [facts[k] for k in ("file_size", "uid", "gid")]
+        if not all(type(i) is int and i >= 0 for i in ints) or not isinstance(facts["workdir"], str):
+            raise TypeError("file_size, uid, gid, workdir")
+        app = ApplicationSpec(argv=tuple(argv), env=dict(env), workdir=facts["workdir"], uid=ints[1], gid=ints[2])
+        return cls(measurements=dict(m), file_size=ints[0], metadata=metadata, app=app)
+
+
+def _snapshot(fd: int, path: str) -> IO[bytes]:
+    """A sealed in-memory copy of the file open on ``fd`` (a memfd that nobody can change any more).
+
+    Measuring, reading the application and unpacking all read this copy, so they see one and the same content even
+    if the file is written meanwhile (also through a shared mapping, which need not change its timestamps).
+    """
+    try:
+        copy = os.memfd_create("enclavekit-eif", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise FileOperationError(f"cannot copy the EIF {path} into memory: {exc.strerror or exc}") from exc
+    try:
+        offset = 0
+        while True:
+            sent = os.sendfile(copy, fd, offset, 1 << 30)
+            if sent == 0:
+                break
+            offset += sent
+        os.lseek(copy, 0, os.SEEK_SET)
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    except OSError as exc:
+        os.close(copy)
+        raise FileOperationError(f"cannot copy the EIF {path} into memory: {exc.strerror or exc}",
+                                 details={"File": path, "failing operation": "Read"}) from exc
+    return os.fdopen(copy, "rb")
+
+
 def _ramdisks(info: EIFInfo) -> tuple[Any, ...]:
     return info.sections_of(SectionType.RAMDISK)
 
 
 class _SectionReader(io.RawIOBase):
-    """A read-only view of one section's data in the EIF file (``iter_members`` reads from it)."""
+    """A read-only, seekable view of one section's data in the EIF file (``iter_members`` reads from it)."""
 
     def __init__(self, f: IO[bytes], offset: int, size: int) -> None:
         self._f, self._offset, self._size, self._pos = f, offset, size, 0
+        self._fd = _fileno(f)
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
 
     def readinto(self, b: Any) -> int:
         n = min(len(b), self._size - self._pos)
         if n <= 0:
             return 0
-        self._f.seek(self._offset + self._pos)
-        data = self._f.read(n)
+        if self._fd is not None:  # pread: no shared file position, no copy through a Python file object
+            data = os.pread(self._fd, n, self._offset + self._pos)
+        else:
+            self._f.seek(self._offset + self._pos)
+            data = self._f.read(n)
         b[:len(data)] = data
         self._pos += len(data)
         return len(data)
 
 
-def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[int, Any, Iterator[bytes]]]:
-    """``(ramdisk index, member, chunks)`` for every member of every ramdisk, in order."""
+def _fileno(f: IO[bytes]) -> int | None:
+    """The OS file descriptor behind ``f``, if it has one (an EIF on disk; not an in-memory file in tests)."""
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
+def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[int, int, Any, Iterator[bytes]]]:
+    """``(ramdisk index, section data offset, member, chunks)`` for every member of every ramdisk, in order.
+
+    Unread member data is skipped with a seek, so a walk that reads only a few small files costs the headers only.
+    """
     for number, section in enumerate(_ramdisks(info)):
-        f.seek(section.data_offset)
-        if section.size < 6 or f.read(6) != CPIO_MAGIC:
+        raw = _SectionReader(f, section.data_offset, section.size)
+        magic = bytearray(6)
+        if section.size < 6 or raw.readinto(magic) != 6 or bytes(magic) != CPIO_MAGIC:
             raise EIFFormatError(f"ramdisk section {section.index} is not an uncompressed newc cpio archive")
-        reader = io.BufferedReader(_SectionReader(f, section.data_offset, section.size), 1 << 20)
+        raw.seek(0)
+        reader = io.BufferedReader(raw, _HEADER_READ)
         try:
             for member, chunks in iter_members(reader, section.size):
-                yield number, member, chunks
+                yield number, section.data_offset, member, chunks
         except FormatError as exc:
             raise EIFFormatError(f"ramdisk section {section.index}: {exc}") from exc
+
+
+def _copy_data(f: IO[bytes], offset: int, size: int, out_fd: int, chunks: Iterator[bytes]) -> None:
+    """A member's ``size`` data bytes at file ``offset`` into ``out_fd``: in the kernel (sendfile) when ``f`` is a
+    file on disk, else through ``chunks``."""
+    fd = _fileno(f)
+    if fd is None:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out_fd, view):]
+        return
+    left = size
+    while left:
+        sent = os.sendfile(out_fd, fd, offset, left)
+        if sent <= 0:
+            raise EIFFormatError(f"truncated EIF: a ramdisk file ends {left} bytes early (at offset {offset})")
+        offset += sent
+        left -= sent
 
 
 def _norm(name: str) -> list[str] | None:
@@ -264,7 +414,7 @@ def read_application(f: IO[bytes], info: EIFInfo) -> ApplicationSpec:
     """Find ``cmd``, ``env``, ``workdir`` and ``user`` in the ramdisks (§3.10 step 4) and resolve the user."""
     small: dict[str, str] = {}
     wanted = {"cmd", "env", "workdir", "user", "rootfs/etc/passwd", "rootfs/etc/group"}
-    for _ramdisk, member, chunks in _members(f, info):
+    for _ramdisk, _base, member, chunks in _members(f, info):
         parts = _norm(member.name)
         key = "/".join(parts or [])
         if key in wanted and stat.S_ISREG(member.mode):
@@ -309,19 +459,39 @@ def read_application(f: IO[bytes], info: EIFInfo) -> ApplicationSpec:
     return ApplicationSpec(argv=argv, env=env, workdir=workdir, uid=uid, gid=gid)
 
 
-def _safe_parent(root: Path, parts: list[str]) -> Path:
-    """The directory for ``parts[:-1]`` under ``root``, created as needed; refuses to pass through symlinks."""
-    current = root
+def _run_directories(root: Path, app: ApplicationSpec) -> None:
+    """``/run/enclavekit`` and its ``vsock`` in the root, the application's (symlinks of the image resolved inside
+    the root, never on the host)."""
+    for d in (INSIDE_RUN_DIR, INSIDE_VSOCK_DIR):
+        target = _sandbox_init._inside(str(root), d)
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        os.chown(target, app.uid, app.gid)
+
+
+def _safe_parent(root: Path, parts: list[str], known: set[str] | None = None) -> Path:
+    """The directory for ``parts[:-1]`` under ``root``, created as needed; refuses to pass through symlinks.
+
+    ``known`` collects the relative paths already checked to be directories during one unpack (a directory is
+    never replaced, see :func:`unpack_rootfs`), so each is looked at once.
+    """
+    current = str(root)
+    relative = ""
     for part in parts[:-1]:
-        current = current / part
+        current = f"{current}/{part}"
+        relative = f"{relative}/{part}"
+        if known is not None and relative in known:
+            continue
         try:
             st = os.lstat(current)
         except FileNotFoundError:
             os.mkdir(current, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise EIFFormatError(f"ramdisk entry passes through {'/'.join(parts[:-1])!r}, which is not a directory")
-    return current
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                raise EIFFormatError(f"ramdisk entry passes through {'/'.join(parts[:-1])!r}, which is not a "
+                                     "directory")
+        if known is not None:
+            known.add(relative)
+    return Path(current)
 
 
 def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
@@ -335,7 +505,8 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
     # carries the ramdisk's index too (a link never crosses ramdisks)
     links: dict[tuple[int, int, int, int], Path] = {}  # link key → the path holding the data
     pending: dict[tuple[int, int, int, int], list[Path]] = {}  # link key → empty members waiting for the data
-    for ramdisk, member, chunks in _members(f, info):
+    directories: set[str] = set()
+    for ramdisk, base, member, chunks in _members(f, info):
         parts = _norm(member.name)
         if parts is None:
             raise EIFFormatError(f"ramdisk entry {member.name[:80]!r} climbs out of the root")
@@ -345,7 +516,7 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
         if not parts:
             os.chmod(root, member.permissions or 0o755)
             continue
-        parent = _safe_parent(root, parts)
+        parent = _safe_parent(root, parts, directories)
         target = parent / parts[-1]
         kind = member.file_type
         with contextlib.suppress(FileNotFoundError):
@@ -368,9 +539,10 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
             else:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    for chunk in chunks:
-                        out.write(chunk)
+                try:
+                    _copy_data(f, base + member.data_offset, member.size, fd, chunks)
+                finally:
+                    os.close(fd)
                 if member.nlink > 1:
                     links[key] = target
                     for other in pending.pop(key, []):
@@ -451,12 +623,23 @@ def _detach_stdio() -> None:
 
 
 def launch(request: RunRequest, *, on_stderr: Callable[[str], None] | None = None,
-           timeout: float | None = None) -> dict[str, Any]:
+           timeout: float | None = None, use_server: bool = False,
+           start_server_after: bool = False) -> dict[str, Any]:
     """Start a supervisor for ``request`` and wait for its report; returns ``EnclaveRunInfo`` or raises.
 
-    A single-threaded caller (the CLI) forks the supervisor directly, saving an interpreter start; otherwise a
-    fresh interpreter is started (forking a threaded process is unsafe).
+    With ``use_server``, the run directory's launch server (:mod:`enclavekit.runtime.launch_server`) takes the
+    request when one runs, is this user's and accepts this process's context (and it is not turned off).
+    Otherwise a single-threaded caller forks the supervisor directly, saving an interpreter start, and a threaded
+    one starts a fresh interpreter (forking a threaded process is unsafe).  ``start_server_after`` starts a
+    resident server for the next launches after a direct one (the CLI asks for it; by default a caller is never
+    turned into a daemon's parent).
     """
+    from enclavekit.runtime import launch_server  # noqa: PLC0415 - it imports this module in its functions
+
+    if use_server:
+        via_server = launch_server.launch_via_server(request, on_stderr=on_stderr, timeout=timeout)
+        if via_server is not None:
+            return via_server
     _trace("cli: launch")
     report_r, report_w = os.pipe()
     try:
@@ -470,32 +653,14 @@ def launch(request: RunRequest, *, on_stderr: Callable[[str], None] | None = Non
     finally:
         os.close(report_w)
     limit = timeout if timeout is not None else (request.boot_timeout or 180.0) + 60.0
-    deadline = time.monotonic() + limit
-    buf = b""
-    with os.fdopen(report_r, "rb", buffering=0) as report:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EnclaveKitError(f"the enclave supervisor did not report within {limit:g} s", code="E39")
-            if not select.select([report], [], [], remaining)[0]:
-                continue
-            chunk = report.read(65536)
-            if not chunk:
-                raise EnclaveKitError("the enclave supervisor exited without reporting", code="E39")
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                msg = json.loads(line)
-                if "stderr" in msg:
-                    if on_stderr is not None:
-                        on_stderr(str(msg["stderr"]))
-                elif "ok" in msg:
-                    result: dict[str, Any] = msg["ok"]
-                    return result
-                elif "error" in msg:
-                    err = msg["error"]
-                    raise EnclaveKitError(str(err.get("message", "?")), code=str(err.get("code", "E36")),
-                                          details={str(k): str(v) for k, v in (err.get("details") or {}).items()})
+    try:
+        result = launch_server.read_report(report_r, limit=limit, on_stderr=on_stderr)
+    finally:
+        os.close(report_r)
+    if start_server_after:
+        # the next launches skip the interpreter start, the imports and this fork (started in the background)
+        launch_server.start_server(request.run_dir)
+    return result
 
 
 # ---------------------------------------------------------------- cleanup (shared with the registry readers)
@@ -661,6 +826,8 @@ class Supervisor:
         self.state_home = Path(request.state_home)
         self.ledger = AllocationLedger(self.state_home)
         self.record: EnclaveRecord | None = None
+        self.snapshot: IO[bytes] | None = None
+        self.image_entry: image_store.StoreEntry | None = None
         self.allocated = False
         self.nsm_server: NSMServer | None = None
         self.nsm: _DeferredNSM | None = None
@@ -676,14 +843,42 @@ class Supervisor:
 
     # ---- set-up
 
-    def _measure(self) -> tuple[EIFInfo, dict[str, Any]]:
+    def _load(self) -> _LoadedImage:
+        """Read the EIF once: CRC-check and measure it, read its application, and say how its root is filled.
+
+        The file is copied into a sealed in-memory file first (:func:`_snapshot`), and everything (measurements,
+        application, the unpacked tree) comes from that copy: the enclave runs exactly what its PCRs describe,
+        whatever happens to the file meanwhile.  A supervisor forked by a launch server uses the server's image
+        store (:mod:`enclavekit.runtime.image_store`): the tree is unpacked there once per image and shared, and
+        for a file launched before and unchanged since, nothing is read from the file at all.
+        """
         path = self.req.eif_path
+        details = {"File": path, "failing operation": "Open"}
         try:
-            with open(path, "rb") as f:
-                info = measure_eif(f)
+            # O_NONBLOCK: a FIFO named as the EIF must not hang the launch before it is refused below
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as exc:
-            raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}",
-                                     details={"File": path, "failing operation": "Read"}) from exc
+            raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}", details=details) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileOperationError(f"the EIF {path} is not a regular file", details=details)
+            identity = FileIdentity.of(st)
+            store = self._store()
+            if store is not None:
+                known = self._known(store, identity)
+                if known is not None:
+                    return known
+            read_from = time.time_ns()
+            snapshot = _snapshot(fd, path)
+            identity_after = FileIdentity.of(os.fstat(fd))
+        finally:
+            os.close(fd)
+        self.snapshot = snapshot
+        try:
+            info = measure_eif(snapshot)
+        except OSError as exc:  # pragma: no cover - a memfd read does not fail
+            raise FileOperationError(f"cannot read the EIF {path}: {exc}", details=details) from exc
         if not info.crc_ok:
             raise EIFFormatError(f"the EIF {path} is corrupt: its CRC32 does not match its contents "
                                  f"(header {info.header.eif_crc32:#010x}, computed {info.computed_crc:#010x})")
@@ -691,9 +886,49 @@ class Supervisor:
             from enclavekit.image.signing import verify_eif_signature  # noqa: PLC0415 - X.509 for signed only
 
             verify_eif_signature(info, datetime.now(UTC))
-        return info, image_metadata(info)
+        app = read_application(snapshot, info)
 
-    def _start_nsm(self, record: EnclaveRecord, info: EIFInfo) -> None:
+        def populate(root: Path) -> None:
+            # in the forked launcher (or into the store): the sealed copy, read with pread/sendfile only
+            unpack_rootfs(snapshot, info, root)
+            _run_directories(root, app)
+
+        loaded = _LoadedImage(measurements=info.measurements.to_json(), file_size=info.file_size,
+                              metadata=image_metadata(info) or None, app=app, populate=populate)
+        if store is not None:
+            size = sum(section.size for section in _ramdisks(info))
+            entry = store.acquire(info.measurements.pcr0.hex(), populate, size_hint=size)
+            if entry is not None:
+                self.image_entry = entry
+                loaded.lower = str(entry.path)
+                loaded.populate = None
+                if not info.is_signed:  # a signature is checked against the time of each launch: read each time
+                    store.remember(identity, loaded.facts(entry.key), read_from_ns=read_from,
+                                   identity_after=identity_after)
+        return loaded
+
+    def _store(self) -> image_store.ImageStore | None:
+        """The launch server's image store, in a supervisor it forked, unless ``ENCLAVEKIT_IMAGE_STORE=off``."""
+        store = image_store.ACTIVE
+        off = os.environ.get("ENCLAVEKIT_IMAGE_STORE", "on").strip().lower() in ("0", "off", "no", "false")
+        return None if off else store
+
+    def _known(self, store: image_store.ImageStore, identity: FileIdentity) -> _LoadedImage | None:
+        facts = store.facts_for(identity)
+        if facts is None:
+            return None
+        try:
+            loaded = _LoadedImage.from_facts(facts)
+        except (KeyError, TypeError, ValueError):
+            return None
+        entry = store.hold(str(facts.get("key")))
+        if entry is None:
+            return None
+        self.image_entry = entry
+        loaded.lower = str(entry.path)
+        return loaded
+
+    def _start_nsm(self, record: EnclaveRecord, image_measurements: dict[str, str]) -> None:
         """Listen on the NSM socket now; build the NSM (X.509, keys: the slow part) on a thread meanwhile.
 
         The sandbox starts while the module is built; a request that arrives first waits for it.  A failure to
@@ -705,7 +940,7 @@ class Supervisor:
             role = role if role is not None else cfg_role
             instance = instance if instance is not None else cfg_instance
         measurements: dict[int | str, bytes | str] = {}
-        measurements.update(info.measurements.to_json())
+        measurements.update(image_measurements)
         state_home, debug_mode = self.state_home, self.req.debug_mode
 
         def build() -> Any:
@@ -755,14 +990,14 @@ class Supervisor:
     def setup(self) -> EnclaveRecord:
         req = self.req
         _trace("supervisor: setup")
-        info, extra = self._measure()
+        image = self._load()
         _trace("supervisor: measured")
         name = req.enclave_name or default_enclave_name(req.eif_path)
         slot_uid = int.from_bytes(os.urandom(8), "big") >> 4 | (1 << 56)
         record = self.registry.reserve(
             name=name, cid=req.enclave_cid, owner_pid=os.getpid(), slot_uid=slot_uid,
             instance_id=read_instance_id(), owner_uid=req.owner_uid, memory_mib=req.memory_mib,
-            debug_mode=req.debug_mode, measurements=info.measurements.to_json(), metadata=extra or None,
+            debug_mode=req.debug_mode, measurements=image.measurements, metadata=image.metadata,
             eif_path=os.path.abspath(req.eif_path))
         self.record = record
         enclave_dir = self.registry.enclave_dir(record.enclave_id)
@@ -772,35 +1007,29 @@ class Supervisor:
         os.close(log_fd)
         self.reporter.send(stderr="Start allocating memory...")
         alloc = self.ledger.allocate(record.enclave_id, req.memory_mib, cpu_count=req.cpu_count,
-                                     cpu_ids=req.cpu_ids, eif_size=info.file_size)
+                                     cpu_ids=req.cpu_ids, eif_size=image.file_size)
         self.allocated = True
         record = self._update(cpu_ids=alloc.cpu_ids, memory_mib=alloc.memory_mib)
         _trace("supervisor: reserved and allocated")
         (self.registry.vsock_root / str(record.cid)).mkdir(mode=0o755, parents=True, exist_ok=True)
-        self._start_nsm(record, info)
+        self._start_nsm(record, image.measurements)
         self.heartbeat = _Heartbeat(self.registry.heartbeat_path(record.enclave_id))
         console_path = self.registry.console_path(record.enclave_id)
         self.recorder = ConsoleRecorder(console_path)
-        with open(req.eif_path, "rb") as f:
-            app = read_application(f, info)
+        app = image.app
         env = dict(app.env)
         env.update({"ENCLAVEKIT_NSM_SOCKET": INSIDE_NSM_SOCKET, "ENCLAVEKIT_VSOCK_DIR": INSIDE_VSOCK_DIR,
                     "ENCLAVEKIT_VSOCK_CID": str(record.cid)})
-        eif_path = req.eif_path
 
-        def populate(root: Path) -> None:
-            with open(eif_path, "rb") as f:
-                unpack_rootfs(f, info, root)
-            for d in (INSIDE_RUN_DIR, INSIDE_VSOCK_DIR):
-                target = root / d.lstrip("/")
-                with contextlib.suppress(FileExistsError):
-                    target.mkdir(mode=0o755, parents=True)
-                os.chown(target, app.uid, app.gid)
+        def nothing(_root: Path) -> None:
+            return None
 
-        spec = SandboxSpec(argv=app.argv, rootfs=populate, memory_mib=alloc.memory_mib, env=env,
+        spec = SandboxSpec(argv=app.argv, rootfs=image.populate or nothing, lower=image.lower,
+                           memory_mib=alloc.memory_mib, env=env,
                            workdir=app.workdir, uid=app.uid, gid=app.gid, cpu_ids=alloc.cpu_ids,
                            name=f"enclavekit-{record.enclave_id.rsplit('-enc', 1)[1]}",
                            heartbeat=str(self.registry.heartbeat_path(record.enclave_id)), await_boot=True,
+                           inherit_fds=(self.snapshot.fileno(),) if image.populate and self.snapshot else (),
                            **self._channels(record, app), **self._device_emulation(record, enclave_dir))
         _trace("supervisor: NSM listening, application read")
         try:
@@ -813,6 +1042,7 @@ class Supervisor:
             self.recorder.write(f"[enclavekit] {exc.message}\n".encode())
             raise _boot_error(f"the enclave did not boot: {exc.message}", console_path) from exc
         _trace("supervisor: sandbox running (application booted)")
+        self._close_snapshot()  # the root is filled: the copy of the EIF is not needed any more
         record = self._update(cgroup_dirs=tuple(str(d) for d in self.sandbox.cgroup.dirs))
         if self.sandbox.cpu_pinning == "affinity":
             # review: without cpuset the pinning is sched_setaffinity only, which the application may undo
@@ -828,7 +1058,7 @@ class Supervisor:
         def alive() -> bool:
             return sandbox.returncode is None
 
-        limit = req.boot_timeout or boot_timeout(info.file_size, alloc.memory_mib)
+        limit = req.boot_timeout or boot_timeout(image.file_size, alloc.memory_mib)
         try:
             self.heartbeat.wait(limit, alive)
         except TimeoutError:
@@ -846,6 +1076,11 @@ class Supervisor:
                                      owner_uid=req.owner_uid)
         self.control.start()
         return self._update(state="RUNNING")
+
+    def _close_snapshot(self) -> None:
+        if self.snapshot is not None:
+            self.snapshot.close()
+            self.snapshot = None
 
     def _update(self, **changes: Any) -> EnclaveRecord:
         with self._record_lock:
@@ -936,6 +1171,9 @@ class Supervisor:
         if self.record is not None:
             record = self.record
             steps.append(lambda: self.registry.remove(record))
+        steps.append(self._close_snapshot)
+        if self.image_entry is not None:
+            steps.append(self.image_entry.release)  # after the sandbox: nothing runs on the tree any more
         for step in steps:
             try:
                 step()
