@@ -170,10 +170,11 @@ def _inside(stage: str, path: str) -> str:
         candidate = os.path.join(stage, *resolved, part)
         try:
             st = os.lstat(candidate)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # missing: kept as it is; what follows is still resolved here (a '..' from a symlink's target after a
+            # missing component must not reach the kernel: it would climb out of the root on the host)
             resolved.append(part)
-            resolved.extend(reversed(pending))  # nothing below a missing component exists
-            break
+            continue
         if stat.S_ISLNK(st.st_mode):
             hops += 1
             if hops > _SYMLINK_HOPS:
@@ -255,7 +256,7 @@ def _overlay_root(stage: str, lower: str) -> None:
 
 
 def _copy_tree(source: str, target: str) -> None:
-    """``source``'s tree into ``target`` with modes and owners: regular files, directories and symlinks."""
+    """``source``'s tree into ``target`` with modes and owners: regular files, directories, symlinks and FIFOs."""
     for directory, dirs, files in os.walk(source):
         out = os.path.normpath(os.path.join(target, os.path.relpath(directory, source)))
         if directory != source:
@@ -270,6 +271,8 @@ def _copy_tree(source: str, target: str) -> None:
                     while os.sendfile(fout.fileno(), fin.fileno(), None, 1 << 30):
                         pass
                 os.chmod(dst, stat.S_IMODE(info.st_mode))
+            elif stat.S_ISFIFO(info.st_mode):
+                os.mkfifo(dst, stat.S_IMODE(info.st_mode))
             else:
                 continue
             os.lchown(dst, info.st_uid, info.st_gid)

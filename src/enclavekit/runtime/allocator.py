@@ -33,6 +33,7 @@ __all__ = [
     "format_cpu_list",
     "parse_memory",
     "minimum_memory_mib",
+    "check_memory_for_image",
     "online_cpus",
     "process_start_time",
 ]
@@ -93,6 +94,15 @@ def format_cpu_list(ids: Iterable[int]) -> str:
         out.append(str(sorted_ids[i]) if i == j else f"{sorted_ids[i]}-{sorted_ids[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def check_memory_for_image(memory_mib: int, eif_size: int) -> None:
+    """spec §3.7: memory 0 → E26; below the driver minimum or 4 × the EIF size → E26."""
+    needed = minimum_memory_mib(eif_size)
+    if memory_mib < needed:
+        raise AllocatorError(f"--memory {memory_mib}: at least {needed} MB must be allocated "
+                             f"(minimum {MIN_ENCLAVE_MEMORY_MIB} MiB and {EIF_SIZE_RATIO}× the image size)",
+                             code="E26", details={"requested_mib": str(memory_mib), "minimum_mib": str(needed)})
 
 
 def minimum_memory_mib(eif_size: int) -> int:
@@ -281,12 +291,7 @@ class ResourcePool:
             raise ValueError("give exactly one of cpu_count and cpu_ids")
         if type(memory_mib) is not int:
             raise TypeError("memory_mib must be an int")
-        # spec §3.7: memory 0 → E26; below the driver minimum or 4 × the EIF size → E26.
-        needed = minimum_memory_mib(eif_size)
-        if memory_mib < needed:
-            raise AllocatorError(f"--memory {memory_mib}: at least {needed} MB must be allocated "
-                                 f"(minimum {MIN_ENCLAVE_MEMORY_MIB} MiB and {EIF_SIZE_RATIO}× the image size)",
-                                 code="E26", details={"requested_mib": str(memory_mib), "minimum_mib": str(needed)})
+        check_memory_for_image(memory_mib, eif_size)
         free_cpus = self.free_cpus
         if cpu_ids is not None:
             ids = list(cpu_ids)

@@ -45,12 +45,14 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ImageStore", "StoreEntry", "FileIdentity", "MAX_ENTRIES", "DEFAULT_BASE", "RACY_MARGIN_NS", "ACTIVE"]
+__all__ = ["ImageStore", "StoreEntry", "FileIdentity", "MAX_ENTRIES", "DEFAULT_BASE", "RACY_MARGIN_NS", "ACTIVE",
+           "sweep_dead_stores"]
 
 DEFAULT_BASE = Path("/dev/shm")  # noqa: S108 - a 0700 directory of ours is made and checked there
 MAX_ENTRIES = 16
@@ -60,6 +62,7 @@ _MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 _FREE_MARGIN = 64 << 20  # leave this much of the filesystem free besides the image
 RACY_MARGIN_NS = 1_000_000_000  # 1 s: far more than a timestamp tick (at most 10 ms)
 _FACTS_DIR = "facts"
+_YOUNG_S = 10.0
 _FACTS_MAX = 256 << 10
 
 ACTIVE: ImageStore | None = None  # set by the launch server; its forked supervisors use it
@@ -163,11 +166,7 @@ class ImageStore:
         parent = base / f"enclavekit-images-{os.geteuid()}"
         if not _private_dir(parent):
             return None
-        for leftover in sorted(parent.iterdir()):  # stores of servers that are gone (not other live servers')
-            if leftover.is_dir() and not leftover.is_symlink():
-                other = ImageStore(leftover)
-                if not other.server_alive():
-                    other.remove_unused(even_dir=True)
+        sweep_dead_stores(base)
         try:
             directory = Path(tempfile.mkdtemp(prefix="s", dir=parent))
             fd = os.open(directory / _SERVER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -218,6 +217,8 @@ class ImageStore:
         try:
             if not _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 return False  # an enclave runs on it
+            if not _same(path, fd):
+                return False  # removed and filled again between our open and our lock: not the one we locked
             trash = path.with_name(f".gone-{path.name}-{os.getpid()}")
             try:
                 os.rename(path, trash)
@@ -287,7 +288,8 @@ class ImageStore:
             return False
         return True
 
-    def acquire(self, key: str, fill: Callable[[Path], None], *, size_hint: int) -> StoreEntry | None:
+    def acquire(self, key: str, fill: Callable[[Path], None], *, size_hint: int,
+                files_hint: int = 0) -> StoreEntry | None:
         """The entry ``key`` (an image's PCR0 in hex), filled by ``fill(directory)`` if it is not there yet.
 
         Returns None (the caller unpacks privately) when the store cannot take the image: not enough room, or
@@ -300,24 +302,33 @@ class ImageStore:
             entry = self._hold(key, path)
             if entry is not None:
                 return entry
-            if not self._room_for(size_hint):
-                return None
             self._evict_for_one()
+            if not self._room_for(size_hint, files_hint):
+                return None
             staging = self.directory / f".fill-{key[:16]}-{os.getpid()}"
             try:
                 os.mkdir(staging, 0o755)
+                fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
+                _remove_tree(staging)
                 return None
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held from before its name appears: never evicted under us
             try:
                 fill(staging)
                 os.rename(staging, path)  # complete: from now on the name means this content
             except OSError:
+                os.close(fd)
                 _remove_tree(staging)
                 if not path.is_dir():  # a concurrent fill that won the rename is fine; anything else is not
                     return None
+                continue
             except BaseException:
+                os.close(fd)
                 _remove_tree(staging)
                 raise
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+            return StoreEntry(self, key, fd)
         return None
 
     def hold(self, key: str) -> StoreEntry | None:
@@ -334,9 +345,7 @@ class ImageStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             # a remover may have renamed it between our open and our lock: the name must still be this directory
-            same = os.stat(path, follow_symlinks=False)
-            mine = os.fstat(fd)
-            if (same.st_dev, same.st_ino) != (mine.st_dev, mine.st_ino):
+            if not _same(path, fd):
                 os.close(fd)
                 return None
         except OSError:
@@ -346,12 +355,28 @@ class ImageStore:
             os.utime(fd)  # recently used: eviction goes by age
         return StoreEntry(self, key, fd)
 
-    def _room_for(self, size: int) -> bool:
-        try:
-            st = os.statvfs(self.directory)
-        except OSError:
-            return False
-        return st.f_bavail * st.f_frsize >= size + _FREE_MARGIN
+    def _room_for(self, size: int, files: int) -> bool:
+        """Room for ``size`` bytes and ``files`` inodes, leaving a quarter of the filesystem's space and inodes free
+        for everyone else (``/dev/shm`` is shared: shm_open, sem_open), evicting unused entries if that helps."""
+        for _ in range(self.max_entries + 1):
+            try:
+                st = os.statvfs(self.directory)
+            except OSError:
+                return False
+            space_ok = st.f_bavail * st.f_frsize >= size + max(_FREE_MARGIN, st.f_blocks * st.f_frsize // 4)
+            inodes_ok = st.f_files == 0 or st.f_favail >= files + st.f_files // 4
+            if space_ok and inodes_ok:
+                return True
+            if not self._evict_oldest():
+                return False
+        return False
+
+    def _evict_oldest(self) -> bool:
+        aged = []
+        for p in self._entries():
+            with contextlib.suppress(OSError):
+                aged.append((p.stat().st_mtime_ns, p))
+        return any(self._remove_if_unused(p) for _, p in sorted(aged))
 
     def _evict_for_one(self) -> None:
         entries = self._entries()
@@ -364,6 +389,41 @@ class ImageStore:
         for _, p in sorted(aged):
             if self._remove_if_unused(p) and len(self._entries()) < self.max_entries:
                 return
+
+
+def sweep_dead_stores(base: Path = DEFAULT_BASE) -> None:
+    """Remove what stores of servers that are gone left behind (entries no enclave uses; the store when empty).
+
+    Run by every new server and by ``clean_stale`` (each ``run-enclave`` and ``describe-enclaves``), so a server
+    killed with SIGKILL does not leave its trees in memory for long.  Another live server's store is left alone.
+    """
+    parent = base / f"enclavekit-images-{os.geteuid()}"
+    try:
+        st = os.lstat(parent)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        return
+    with contextlib.suppress(OSError):
+        for leftover in sorted(parent.iterdir()):
+            if not leftover.is_dir() or leftover.is_symlink():
+                continue
+            with contextlib.suppress(OSError):
+                if time.time() - leftover.stat().st_mtime < _YOUNG_S:
+                    continue  # a server that is still creating its store (not locked yet)
+            other = ImageStore(leftover)
+            if not other.server_alive():
+                other.remove_unused(even_dir=True)
+
+
+def _same(path: Path, fd: int) -> bool:
+    """Is ``path`` (not followed) the directory open on ``fd``?"""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _pid_alive(name: str) -> bool:

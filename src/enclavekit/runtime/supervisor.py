@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -76,7 +78,7 @@ from enclavekit.image.eif_reader import EIFInfo, measure_eif
 from enclavekit.nsm.server import NSMServer
 from enclavekit.runtime import _sandbox_init, image_store
 from enclavekit.runtime._sandbox_init import HEARTBEAT_BYTE, HEARTBEAT_PORT
-from enclavekit.runtime.allocator import AllocationLedger
+from enclavekit.runtime.allocator import AllocationLedger, check_memory_for_image
 from enclavekit.runtime.audit import RuntimeAudit
 from enclavekit.runtime.console import ConsoleRecorder, tail_lines
 from enclavekit.runtime.control import ControlServer, Request, encode_reply
@@ -255,6 +257,7 @@ class _LoadedImage:
     app: ApplicationSpec
     populate: Callable[[Path], None] | None = None
     lower: str | None = None
+    share: Callable[[], None] | None = None  # put the tree in the image store (after the allocation)
 
     def facts(self, key: str) -> dict[str, Any]:
         """What the image store remembers for the next launch of the same file (everything but the tree)."""
@@ -267,7 +270,7 @@ class _LoadedImage:
         """The inverse of :meth:`facts`; TypeError/ValueError for anything that does not have their shape."""
         m, argv, env, metadata = facts["measurements"], facts["argv"], facts["env"], facts["metadata"]
         if not (isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
-                and m.get("PCR0") == facts["key"]):
+                and isinstance(facts["key"], str) and isinstance(m.get("PCR0"), str)):
             raise ValueError("measurements")
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             raise ValueError("argv")
@@ -282,11 +285,26 @@ class _LoadedImage:
         return cls(measurements=dict(m), file_size=ints[0], metadata=metadata, app=app)
 
 
-def _snapshot(fd: int, path: str) -> IO[bytes]:
-    """A sealed in-memory copy of the file open on ``fd`` (a memfd that nobody can change any more).
+def _store_key(info: EIFInfo) -> str:
+    """The image store's name for an image's tree: a digest of PCR0/1/2 and of the section table (types and sizes).
+
+    PCR0 alone does not fix the tree: it hashes the sections' bytes end to end, so an EIF with a ramdisk relabelled
+    as a kernel section has the same PCR0 and unpacks differently.  With the ordered types and sizes the hashed
+    bytes split into the same sections, so equal keys mean equal ramdisks.
+    """
+    m = info.measurements
+    table = [[int(s.section_type), s.size] for s in info.sections]
+    material = json.dumps([m.pcr0.hex(), m.pcr1.hex(), m.pcr2.hex(), table]).encode()
+    return hashlib.sha384(material).hexdigest()
+
+
+def _snapshot(fd: int, path: str, size: int) -> IO[bytes]:
+    """A sealed in-memory copy of the ``size`` bytes of the file open on ``fd`` (a memfd nobody can change any more).
 
     Measuring, reading the application and unpacking all read this copy, so they see one and the same content even
-    if the file is written meanwhile (also through a shared mapping, which need not change its timestamps).
+    if the file is written meanwhile (also through a shared mapping, which need not change its timestamps).  Exactly
+    ``size`` bytes (the size when it was opened) are copied: a file that grows meanwhile cannot make the copy grow,
+    one that shrinks is refused.
     """
     try:
         copy = os.memfd_create("enclavekit-eif", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -294,10 +312,10 @@ def _snapshot(fd: int, path: str) -> IO[bytes]:
         raise FileOperationError(f"cannot copy the EIF {path} into memory: {exc.strerror or exc}") from exc
     try:
         offset = 0
-        while True:
-            sent = os.sendfile(copy, fd, offset, 1 << 30)
+        while offset < size:
+            sent = os.sendfile(copy, fd, offset, min(size - offset, 1 << 30))
             if sent == 0:
-                break
+                raise OSError(errno.EIO, "the file became shorter while it was copied")
             offset += sent
         os.lseek(copy, 0, os.SEEK_SET)
         fcntl.fcntl(copy, fcntl.F_ADD_SEALS,
@@ -503,7 +521,7 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
     count = 0
     # newc hard links share (dev, ino) within ONE archive; every ramdisk numbers its inodes anew, so the key
     # carries the ramdisk's index too (a link never crosses ramdisks)
-    links: dict[tuple[int, int, int, int], Path] = {}  # link key → the path holding the data
+    links: dict[tuple[int, int, int, int], tuple[Path, int, int]] = {}  # link key → (path, st_dev, st_ino) of the data
     pending: dict[tuple[int, int, int, int], list[Path]] = {}  # link key → empty members waiting for the data
     directories: set[str] = set()
     for ramdisk, base, member, chunks in _members(f, info):
@@ -533,7 +551,13 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
         elif kind == stat.S_IFREG:
             key = (ramdisk, member.dev_major, member.dev_minor, member.ino)
             if member.nlink > 1 and member.size == 0 and key in links:
-                os.link(links[key], target, follow_symlinks=False)
+                # review: a later entry may have replaced the data's path (by a symlink to a host file, say); a
+                # link is made only to the very file that was written
+                source, dev, ino = links[key]
+                held = os.lstat(source)
+                if not stat.S_ISREG(held.st_mode) or (held.st_dev, held.st_ino) != (dev, ino):
+                    raise EIFFormatError(f"ramdisk entry {member.name[:80]!r} links to a file a later entry replaced")
+                os.link(source, target, follow_symlinks=False)
             elif member.nlink > 1 and member.size == 0:
                 pending.setdefault(key, []).append(target)
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -541,13 +565,15 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 try:
                     _copy_data(f, base + member.data_offset, member.size, fd, chunks)
+                    written = os.fstat(fd)
                 finally:
                     os.close(fd)
                 if member.nlink > 1:
-                    links[key] = target
+                    links[key] = (target, written.st_dev, written.st_ino)
                     for other in pending.pop(key, []):
-                        os.unlink(other)
-                        os.link(target, other, follow_symlinks=False)
+                        if stat.S_ISREG(os.lstat(other).st_mode):  # else replaced since: not ours to link
+                            os.unlink(other)
+                            os.link(target, other, follow_symlinks=False)
         elif kind == stat.S_IFLNK:
             os.symlink(b"".join(chunks).decode("utf-8", "surrogateescape"), target)
             os.lchown(target, member.uid, member.gid)
@@ -557,6 +583,8 @@ def unpack_rootfs(f: IO[bytes], info: EIFInfo, root: Path) -> int:
             os.mkfifo(target, 0o600)
         else:
             continue  # device nodes and sockets: the sandbox provides its own /dev
+        if stat.S_IFMT(os.lstat(target).st_mode) != kind:  # chmod follows symlinks: only what was just made
+            raise EIFFormatError(f"ramdisk entry {member.name[:80]!r} was replaced while unpacking")
         os.lchown(target, member.uid, member.gid)
         os.chmod(target, member.permissions)
         count += 1
@@ -689,8 +717,10 @@ def _remove_cgroup_dirs(dirs: Iterable[str]) -> None:
 
 
 def clean_stale(registry: Registry, state_home: Path) -> list[EnclaveRecord]:
-    """Clean up after every enclave whose supervisor is gone: cgroups, allocation, sockets, vsock directory."""
+    """Clean up after every enclave whose supervisor is gone: cgroups, allocation, sockets, vsock directory; and
+    the image trees of launch servers that are gone."""
     ledger = AllocationLedger(state_home)
+    image_store.sweep_dead_stores()
 
     def release(rec: EnclaveRecord) -> None:
         _remove_cgroup_dirs(rec.cgroup_dirs)
@@ -855,25 +885,35 @@ class Supervisor:
         path = self.req.eif_path
         details = {"File": path, "failing operation": "Open"}
         try:
-            # O_NONBLOCK: a FIFO named as the EIF must not hang the launch before it is refused below
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            # O_PATH first: naming a device or a FIFO as the EIF must not open it (side effects, a hang)
+            handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError as exc:
             raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}", details=details) from exc
         try:
-            st = os.fstat(fd)
+            st = os.fstat(handle)
             if not stat.S_ISREG(st.st_mode):
                 raise FileOperationError(f"the EIF {path} is not a regular file", details=details)
+            # before reading anything: an image too large for the enclave (E26) is not copied into memory
+            check_memory_for_image(self.req.memory_mib, st.st_size)
             identity = FileIdentity.of(st)
             store = self._store()
             if store is not None:
                 known = self._known(store, identity)
                 if known is not None:
                     return known
-            read_from = time.time_ns()
-            snapshot = _snapshot(fd, path)
-            identity_after = FileIdentity.of(os.fstat(fd))
+            try:
+                fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}",
+                                         details=details) from exc
+            try:
+                read_from = time.time_ns()
+                snapshot = _snapshot(fd, path, st.st_size)
+                identity_after = FileIdentity.of(os.fstat(fd))
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(handle)
         self.snapshot = snapshot
         try:
             info = measure_eif(snapshot)
@@ -896,15 +936,23 @@ class Supervisor:
         loaded = _LoadedImage(measurements=info.measurements.to_json(), file_size=info.file_size,
                               metadata=image_metadata(info) or None, app=app, populate=populate)
         if store is not None:
+            key = _store_key(info)
             size = sum(section.size for section in _ramdisks(info))
-            entry = store.acquire(info.measurements.pcr0.hex(), populate, size_hint=size)
-            if entry is not None:
+            files = size // 112 + 16  # at most one member per newc header (110 bytes, 4-aligned): an inode bound
+
+            def share() -> None:
+                # once the enclave has its allocation: a launch that fails E26/E27 fills nothing
+                entry = store.acquire(key, populate, size_hint=size, files_hint=files)
+                if entry is None:
+                    return
                 self.image_entry = entry
                 loaded.lower = str(entry.path)
                 loaded.populate = None
                 if not info.is_signed:  # a signature is checked against the time of each launch: read each time
                     store.remember(identity, loaded.facts(entry.key), read_from_ns=read_from,
                                    identity_after=identity_after)
+
+            loaded.share = share
         return loaded
 
     def _store(self) -> image_store.ImageStore | None:
@@ -1010,6 +1058,8 @@ class Supervisor:
                                      cpu_ids=req.cpu_ids, eif_size=image.file_size)
         self.allocated = True
         record = self._update(cpu_ids=alloc.cpu_ids, memory_mib=alloc.memory_mib)
+        if image.share is not None:
+            image.share()
         _trace("supervisor: reserved and allocated")
         (self.registry.vsock_root / str(record.cid)).mkdir(mode=0o755, parents=True, exist_ok=True)
         self._start_nsm(record, image.measurements)

@@ -78,12 +78,20 @@ def _supervisor(tmp_path: Path, eif: Path) -> Supervisor:
     return Supervisor(request, _Reporter(os.open(os.devnull, os.O_WRONLY)))
 
 
+def _load(sup: Supervisor) -> _LoadedImage:
+    """What setup() does: load, then (after the allocation) put the tree in the store when there is one."""
+    loaded = sup._load()
+    if loaded.share is not None:
+        loaded.share()
+    return loaded
+
+
 def test_the_snapshot_is_sealed_and_independent_of_the_file(tmp_path: Path) -> None:
     path = _image(tmp_path)
     original = path.read_bytes()
     fd = os.open(path, os.O_RDONLY)
     try:
-        copy = _snapshot(fd, str(path))
+        copy = _snapshot(fd, str(path), path.stat().st_size)
     finally:
         os.close(fd)
     with copy:
@@ -129,7 +137,7 @@ def test_a_truncated_file_on_disk_is_refused(tmp_path: Path) -> None:
 def test_without_a_store_every_launch_reads_a_sealed_copy(tmp_path: Path) -> None:
     path = _image(tmp_path)
     sup = _supervisor(tmp_path, path)
-    loaded = sup._load()
+    loaded = _load(sup)
     assert loaded.lower is None and loaded.populate is not None and sup.snapshot is not None
     root = tmp_path / "root"
     root.mkdir()
@@ -147,19 +155,19 @@ def test_an_eif_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path) ->
     fifo = tmp_path / "fifo.eif"
     os.mkfifo(fifo)
     with pytest.raises(FileOperationError, match="not a regular file"):
-        _supervisor(tmp_path, fifo)._load()
+        _load(_supervisor(tmp_path, fifo))
 
 
 def test_a_second_launch_of_an_unchanged_file_reads_nothing_of_it(tmp_path: Path, store: ImageStore) -> None:
     path = _image(tmp_path)
     _age(path)
     first = _supervisor(tmp_path, path)
-    loaded = first._load()
+    loaded = _load(first)
     assert loaded.lower is not None and loaded.populate is None
     assert (Path(loaded.lower) / "bin" / "app").read_bytes() == b"\x7fELF" * 5000
     assert first.snapshot is not None  # read (and measured) once
     second = _supervisor(tmp_path, path)
-    again = second._load()
+    again = _load(second)
     assert second.snapshot is None  # facts from the store: the file was not read
     assert again.lower == loaded.lower and again.measurements == loaded.measurements
     assert again.app == loaded.app and again.file_size == loaded.file_size and again.metadata == loaded.metadata
@@ -183,19 +191,19 @@ def test_a_file_written_through_a_mapping_runs_as_what_was_measured(tmp_path: Pa
             m[at:at + 4] = b"\x7fELF"  # a writer dirties the page first (this write updates the timestamps) ...
             _age(path)
             first = _supervisor(tmp_path, path)
-            loaded = first._load()
+            loaded = _load(first)
             identity = FileIdentity.of(path.stat())
             m[at:at + 4] = b"EVIL"  # ... so that this later write to the dirty page updates nothing
         second = _supervisor(tmp_path, path)
         if FileIdentity.of(path.stat()) == identity:  # no new timestamps: the store's read is used, consistently
-            again = second._load()
+            again = _load(second)
             assert second.snapshot is None
             assert again.measurements == loaded.measurements and again.lower == loaded.lower
             assert b"EVIL" not in (Path(again.lower or "") / "bin" / "app").read_bytes()
             assert b"EVIL" in path.read_bytes()  # (the file did change)
         else:  # new timestamps: read again; the changed contents no longer match the EIF's CRC
             with pytest.raises(EIFFormatError, match="CRC32"):
-                second._load()
+                _load(second)
         for sup in (first, second):
             sup._close_snapshot()
             if sup.image_entry is not None:
@@ -208,9 +216,9 @@ def test_a_file_written_through_a_mapping_runs_as_what_was_measured(tmp_path: Pa
 def test_a_freshly_written_file_is_read_again(tmp_path: Path, store: ImageStore) -> None:
     path = _image(tmp_path)  # changed just now: within the racy margin, its facts are not kept
     first = _supervisor(tmp_path, path)
-    first._load()
+    _load(first)
     second = _supervisor(tmp_path, path)
-    second._load()
+    _load(second)
     assert second.snapshot is not None
     for sup in (first, second):
         sup._close_snapshot()
@@ -222,10 +230,10 @@ def test_a_changed_file_is_read_again(tmp_path: Path, store: ImageStore) -> None
     path = _image(tmp_path)
     _age(path)
     first = _supervisor(tmp_path, path)
-    loaded = first._load()
+    loaded = _load(first)
     path.write_bytes(_image(tmp_path, payload=b"other" * 4000, name="other.eif").read_bytes())
     second = _supervisor(tmp_path, path)
-    again = second._load()
+    again = _load(second)
     assert second.snapshot is not None and again.measurements != loaded.measurements
     assert again.lower != loaded.lower
     for sup in (first, second):
@@ -242,7 +250,7 @@ def test_facts_that_do_not_have_their_shape_are_refused(damage: str) -> None:
     assert _LoadedImage.from_facts(dict(good)).app.argv == ("/app",)
     bad = dict(good)
     if damage == "key":
-        bad["key"] = "b" * 96
+        bad["key"] = 5
     elif damage == "argv":
         bad["argv"] = []
     elif damage == "env":
@@ -253,3 +261,31 @@ def test_facts_that_do_not_have_their_shape_are_refused(damage: str) -> None:
         bad["measurements"] = "PCR0"
     with pytest.raises((TypeError, ValueError)):
         _LoadedImage.from_facts(bad)
+
+
+def test_the_store_key_tells_apart_images_with_the_same_pcr0(tmp_path: Path) -> None:
+    # review: PCR0 hashes the sections end to end; relabelling a ramdisk as a kernel keeps PCR0 but drops a layer
+    from enclavekit.formats.eif import SectionType
+    from enclavekit.runtime.supervisor import _store_key
+
+    path = _image(tmp_path)
+    data = bytearray(path.read_bytes())
+    info = measure_eif(io.BytesIO(bytes(data)))
+    last = [s for s in info.sections if s.section_type == SectionType.RAMDISK][-1]
+    data[last.offset:last.offset + 2] = int(SectionType.KERNEL).to_bytes(2, "big")
+    relabelled = measure_eif(io.BytesIO(bytes(data)))
+    assert relabelled.measurements.pcr0 == info.measurements.pcr0
+    assert _store_key(relabelled) != _store_key(info)
+    assert len(_store_key(info)) == 96
+
+
+def test_an_image_too_large_for_the_memory_is_refused_before_it_is_copied(tmp_path: Path) -> None:
+    from enclavekit.errors import AllocatorError
+
+    path = tmp_path / "big.eif"
+    with open(path, "wb") as f:
+        f.truncate(40 << 20)  # sparse: 40 MiB needs 160 MiB of enclave memory
+    sup = _supervisor(tmp_path, path)  # 64 MiB
+    with pytest.raises(AllocatorError, match="at least 160 MB") as caught:
+        sup._load()
+    assert caught.value.code == "E26" and sup.snapshot is None

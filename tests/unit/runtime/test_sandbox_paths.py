@@ -85,3 +85,14 @@ def test_the_copy_fallback_keeps_modes_owners_and_links(tmp_path: Path) -> None:
     assert os.readlink(dst / "lib") == "bin"
     st = (dst / "etc").stat()
     assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o700, 1234, 5678)
+
+
+def test_dot_dot_after_a_missing_component_stays_inside(root: Path) -> None:
+    # review: the rest of a path after a missing component was joined raw, so x/../../.. climbed out on the host
+    (root / "tmp").symlink_to("x/" + "../" * 12 + "etc")
+    assert _inside(str(root), "/tmp") == str(root / "etc")
+    (root / "run").symlink_to("y/" + "../" * 12 + "run")  # loops back to itself: refused, never resolved outside
+    with pytest.raises(_StageError, match="too many symlinks"):
+        _inside(str(root), "/run/enclavekit")
+    (root / "var" / "lib").symlink_to("/nothing/here/" + "../" * 12 + "usr")
+    assert _inside(str(root), "/var/lib/lib") == str(root / "usr/lib")

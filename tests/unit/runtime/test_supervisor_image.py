@@ -190,3 +190,23 @@ def test_run_request_round_trip_and_rules() -> None:
         RunRequest(eif_path="/x.eif", memory_mib=64)
     with pytest.raises(ValueError):
         RunRequest.from_json({**req.to_json(), "extra": 1})
+
+
+def test_a_hard_link_to_a_path_replaced_by_a_symlink_is_refused(tmp_path: Path) -> None:
+    # review: "a" holds the data of inode 5, is then replaced by a symlink to a host file, and "b" (inode 5 again,
+    # mode 04777) used to be linked to that symlink and chmod'ed through it: the host file became set-uid
+    host = tmp_path / "host-file"
+    host.write_text("host")
+    host.chmod(0o644)
+    disk = _raw_cpio((1, DIR, 2, "rootfs", b""), (5, REG, 2, "rootfs/a", b"data"),
+                     (6, LNK, 1, "rootfs/a", str(host).encode()), (5, stat.S_IFREG | 0o4777, 2, "rootfs/b", b""),
+                     (2, REG, 1, "cmd", b"/a\n"))
+    out = io.BytesIO()
+    meta = EIFMetadata("img", "1", BuildMetadata("2024-01-01T00:00:00+00:00", "enclavekit", "0.1.0", "Linux", "6.1"))
+    write_eif(out, EIFContent(kernel=BytesSource(b"k"), cmdline=b"", metadata=meta, ramdisks=[BytesSource(disk)]))
+    out.seek(0)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(EIFFormatError, match="replaced"):
+        unpack_rootfs(out, measure_eif(out), root)
+    assert stat.S_IMODE(host.stat().st_mode) == 0o644
