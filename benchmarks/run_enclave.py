@@ -180,7 +180,9 @@ def measure(label: str, launches: int, eif: Path, plain_argv: list[str], plain_e
             raise RuntimeError(proc.stderr)
         wait_ready(listener)
         enclave.append(time.perf_counter() - start)
-        subprocess.run([ENCLAVEKIT, "terminate-enclave", "--all"], env=env, capture_output=True, check=True)
+        # by id: --all would also stop the launch server (it ends everything of the run directory)
+        subprocess.run([ENCLAVEKIT, "terminate-enclave", "--enclave-id", json.loads(proc.stdout)["EnclaveID"]],
+                       env=env, capture_output=True, check=True)
         print(f"[{label}] launch {i + 1}/{launches}: enclave {enclave[-1] * 1000:.0f} ms, "
               f"plain {plain[-1] * 1000:.1f} ms", file=sys.stderr)
     return enclave, plain

@@ -446,8 +446,9 @@ def test_served_enclaves_of_one_image_share_its_tree(site: Site, app_eif: Path) 
             except (OSError, StopIteration):
                 continue
     assert len(roots) == 2 and all(" overlay " in r and f"lowerdir={entries[0]}," in r for r in roots), roots
-    done = site.cli("terminate-enclave", "--all")
-    assert done.returncode == 0, done.stderr
+    for info in (first, second):
+        done = site.cli("terminate-enclave", "--enclave-id", info["EnclaveID"])
+        assert done.returncode == 0, done.stderr
     assert entries[0].exists()  # kept for the next enclave of this image while the server lives
     assert stop_server(site.run_dir)
     _wait(lambda: not entries[0].parent.exists(), "the server's image store to be removed")
@@ -890,3 +891,22 @@ def test_the_library_launch_uses_and_starts_no_server_unless_asked(site: Site, a
     labels = [line.split(" ", 2)[2] for line in trace.read_text().splitlines()]
     assert labels.count("cli: start launch server") == 1  # only the launch that asked for it
     assert "cli: launch via server" not in labels
+
+
+def test_terminate_all_leaves_no_server_socket_or_store(site: Site, app_eif: Path) -> None:
+    # issue 4: nothing is left behind after terminate-enclave --all (no process, socket, mount; here, no tree)
+    server = site.start()
+    (site.run_dir / "vsock" / "3").mkdir(parents=True)
+    listener = UnixVsockTransport(site.run_dir / "vsock", local_cid=3).listen(PORT)
+    try:
+        info = site.run(app_eif)
+        assert _ready(listener) == f"ready {info['EnclaveCID']}\n"
+    finally:
+        listener.close()
+    stores = {p.parent for p in _store_entries(server)}
+    assert len(stores) == 1
+    done = site.cli("terminate-enclave", "--all")
+    assert done.returncode == 0, done.stderr
+    _wait(lambda: not _alive(server), "the launch server to exit")
+    assert not (site.run_dir / SOCKET_NAME).exists()
+    _wait(lambda: not any(s.exists() for s in stores), "the server's image store to be removed")

@@ -309,7 +309,12 @@ def terminate_enclave(args: argparse.Namespace) -> int:
     registry = _registry()
     _clean_stale(registry)
     if args.all:
+        from enclavekit.runtime.launch_server import stop_server  # noqa: PLC0415
+
         results = [_terminate(registry, rec) for rec in registry.live_records()]
+        # everything enclavekit runs for this run directory ends: the launch server too (and its image store),
+        # so no process, socket or shared tree is left behind (the next run-enclave starts a fresh server)
+        stop_server(registry.root)
         _clean_stale(registry)
         _dump(results)
         return 0
