@@ -57,6 +57,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import enclavekit
+from enclavekit._internal.fds import detach_stdio, max_fd
 from enclavekit.errors import EnclaveKitError
 
 __all__ = [
@@ -388,8 +389,8 @@ def _start_by_fork(root: str) -> None:
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _daemon_stdio()
-            os.closerange(3, _max_fd())
+            detach_stdio()
+            os.closerange(3, max_fd())
             code = serve(root)
         except BaseException:
             code = 1
@@ -407,21 +408,6 @@ def _start_by_exec(root: str) -> None:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True, close_fds=True, cwd="/")
         proc.wait()  # the first process forks and exits before importing anything
-
-
-def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (ValueError, OSError):  # pragma: no cover
-        return 1024
-
-
-def _daemon_stdio() -> None:
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
 
 
 # ---------------------------------------------------------------- the server
@@ -770,9 +756,9 @@ class _Server:
         if image_store.ACTIVE is not None:
             image_store.ACTIVE.forget_server_lock()  # the server's own; closed here, before the range below
         report_fd = conn.detach()
-        _daemon_stdio()
+        detach_stdio()
         os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, _max_fd())
+        os.closerange(report_fd + 1, max_fd())
         os.environ.clear()
         os.environ.update(env)
         supervisor._TRACE = env.get("ENCLAVEKIT_LAUNCH_TRACE")
@@ -886,8 +872,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.fork() != 0:
             return 0
         os.setsid()
-        _daemon_stdio()
-        os.closerange(3, _max_fd())  # finding 6: nothing the starter had open (pipes, sockets, locks) stays open
+        detach_stdio()
+        os.closerange(3, max_fd())  # finding 6: nothing the starter had open (pipes, sockets, locks) stays open
     return serve(args.run_dir, idle=args.idle, stale_fingerprint=args.stale_fingerprint)
 
 

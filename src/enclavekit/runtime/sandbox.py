@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from enclavekit._internal.fds import max_fd
 from enclavekit.errors import EnclaveKitError, SandboxBootError, SandboxError
 from enclavekit.runtime._sandbox_init import run_forked
 from enclavekit.runtime.cgroups import Cgroup, CgroupLayout, create_cgroup
@@ -583,7 +584,7 @@ def _fork_launcher(ctl_r: int, status_w: int, passed: list[int], rootfs: Path | 
             os.dup2(console_w, 1)
             os.dup2(console_w, 2)
             keep = sorted({0, 1, 2, *passed, *inherit})
-            for low, high in zip(keep, [*keep[1:], _max_fd()], strict=True):
+            for low, high in zip(keep, [*keep[1:], max_fd()], strict=True):
                 os.closerange(low + 1, high)
             run_forked(ctl_r, status_w, fill)
         finally:
@@ -591,13 +592,6 @@ def _fork_launcher(ctl_r: int, status_w: int, passed: list[int], rootfs: Path | 
     os.close(console_w)
     os.close(devnull)
     return _ForkedLauncher(pid, os.fdopen(console_r, "rb"))
-
-
-def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (ValueError, OSError):  # pragma: no cover
-        return 1024
 
 
 def _status_message(line: bytes, sandbox: SandboxProcess) -> dict[str, Any]:

@@ -62,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from enclavekit._internal.fds import detach_stdio, max_fd
 from enclavekit.errors import (
     ConfigError,
     EIFFormatError,
@@ -623,31 +624,15 @@ def _spawn_by_fork(request: RunRequest, report_w: int) -> None:
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _detach_stdio()
+            detach_stdio()
             os.closerange(3, report_w)
-            os.closerange(report_w + 1, _max_fd())
+            os.closerange(report_w + 1, max_fd())
             code = _run_detached(request, _Reporter(report_w))
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise EnclaveKitError("the enclave supervisor could not detach", code="E06")
-
-
-def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (ValueError, OSError):  # pragma: no cover
-        return 1024
-
-
-def _detach_stdio() -> None:
-    """stdin, stdout and stderr on /dev/null: the supervisor must not hold the CLI's pipes open."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
 
 
 def launch(request: RunRequest, *, on_stderr: Callable[[str], None] | None = None,
@@ -1317,7 +1302,7 @@ def _daemonize_and_run(report_fd: int) -> NoReturn:
     # double fork: the CLI waits for this process; the supervisor below is nobody's child
     if os.fork() != 0:
         os._exit(0)
-    _detach_stdio()
+    detach_stdio()
     os._exit(_run_detached(request, reporter))
 
 
