@@ -910,3 +910,42 @@ def test_terminate_all_leaves_no_server_socket_or_store(site: Site, app_eif: Pat
     _wait(lambda: not _alive(server), "the launch server to exit")
     assert not (site.run_dir / SOCKET_NAME).exists()
     _wait(lambda: not any(s.exists() for s in stores), "the server's image store to be removed")
+
+
+def test_the_eif_travels_as_the_clients_descriptor_never_as_a_path_the_server_opens(site: Site,
+                                                                                  app_eif: Path) -> None:
+    # A go without a descriptor is refused: the server never opens the EIF with its own rights.
+    pid = site.start()
+    with _connected(site) as sock:
+        _send(sock, _launch_message(site))
+        assert _line(sock) == {"ready": pid}
+        _send(sock, {"go": True, "env": dict(os.environ)})
+        reply = _line(sock)
+        assert reply is not None and reply["error"]["code"] == "E17" and "descriptor" in reply["error"]["message"]
+    assert site.ping()["launches"] == 0
+    # With one, the supervisor reads what the client opened, whatever the request's path says (_NO_EIF does not
+    # exist): the path is only the enclave's label.
+    (site.run_dir / "vsock" / "3").mkdir(parents=True)
+    listener = UnixVsockTransport(site.run_dir / "vsock", local_cid=3).listen(PORT)
+    try:
+        with _connected(site) as sock, open(app_eif, "rb") as eif:
+            _send(sock, _launch_message(site))
+            assert _line(sock) == {"ready": pid}
+            go = json.dumps({"go": True, "env": site.env()}).encode() + b"\n"
+            assert socket.send_fds(sock, [go], [eif.fileno()]) == len(go)
+            sock.settimeout(120)
+            lines: list[dict[str, Any]] = []
+            with sock.makefile("rb") as report:
+                while not lines or not ({"ok", "error"} & set(lines[-1])):
+                    raw = report.readline()
+                    assert raw, lines
+                    lines.append(json.loads(raw))
+        assert "ok" in lines[-1], lines
+        info = lines[-1]["ok"]
+        site.supervisors.add(info["ProcessID"])
+        assert _ready(listener) == f"ready {info['EnclaveCID']}\n"
+    finally:
+        listener.close()
+    described = json.loads(site.cli("describe-enclaves").stdout)
+    expected = json.loads(site.cli("describe-eif", "--eif-path", str(app_eif)).stdout)["Measurements"]
+    assert [d["Measurements"] for d in described] == [expected]

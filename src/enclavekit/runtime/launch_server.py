@@ -21,11 +21,13 @@ and only when the server's uid (``SO_PEERCRED``) is its own; otherwise it launch
   gid, the namespaces, root directory, uids, gids, groups, umask, capability sets, NoNewPrivs, seccomp mode,
   cgroup, LSM label and resource limits (``/proc/<peer pid>/...``, read while the client waits), since a forked
   supervisor inherits the server's.  Otherwise ``{"ready": server_pid}``;
-* launch, phase 2: the client answers ``{"go": true, "env": {...}}`` (its environment, for the supervisor) within
-  1 s; only then does the server fork.  A client that closes or stalls instead starts nothing.  After ``go`` the
-  connection carries the supervisor's report lines exactly as on the pipe of a direct launch (``{"stderr": ...}``
-  lines, then ``{"ok": EnclaveRunInfo}`` or ``{"error": {...}}``).  The client falls back to a direct launch only
-  before it sends ``go``; after it, a connection that ends without a report is E39;
+* launch, phase 2: the client answers ``{"go": true, "env": {...}}`` (its environment, for the supervisor) within 1
+  s, with the EIF as a descriptor it opened itself (``SCM_RIGHTS``: read with the client's rights; the server never
+  opens the path; a ``go`` without it is E17); only then does the server fork.  A client that closes or stalls
+  instead starts nothing.  After ``go`` the connection carries the supervisor's report lines exactly as on the pipe
+  of a direct launch (``{"stderr": ...}`` lines, then ``{"ok": EnclaveRunInfo}`` or ``{"error": {...}}``).  The
+  client falls back to a direct launch only before it sends ``go``; after it, a connection that ends without a
+  report is E39;
 * ping: ``{"pid": ..., "launches": N, "version": ...}``; stop: ``{"stopped": pid}`` (sent once the socket and
   lock are released).
 
@@ -320,19 +322,45 @@ def launch_via_server(request: Any, *, on_stderr: Callable[[str], None] | None =
         if "ready" not in reply or rest:
             _trace(f"cli: launch server declined ({next(iter(reply), '?')})")
             return None
+        # the EIF goes as a descriptor this process opened: read with the client's rights (never the server's),
+        # and no path is looked up again on the server's side
+        eif = _open_eif(str(obj.get("eif_path")))
         # phase 2: from the first byte of go on, the server may start a supervisor: never launch directly now
         _trace("cli: launch server ready")
         try:
             sock.settimeout(_REPLY_TIMEOUT)
-            sock.sendall(go)
+            sent = socket.send_fds(sock, [go], [eif])
+            sock.sendall(go[sent:])
         except OSError as exc:
             raise EnclaveKitError("the launch server ended without an answer after it took the launch (not "
                                   "retried: an enclave may have started, see describe-enclaves)",
                                   code="E39") from exc
+        finally:
+            os.close(eif)
         boot = obj.get("boot_timeout")
         limit = timeout if timeout is not None else (boot if isinstance(boot, (int, float)) and boot else 180.0) + 60
         sock.setblocking(True)
         return read_report(sock.fileno(), limit=limit, on_stderr=on_stderr, via_server=True)
+
+
+def _open_eif(path: str) -> int:
+    """The EIF opened for reading by this process: ``O_PATH`` and ``fstat`` first (a device or FIFO is not opened
+    but left to the supervisor's refusal), then read access checked by the kernel against this process."""
+    try:
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EnclaveKitError(f"cannot read the EIF {path}: {exc.strerror or exc}", code="E19",
+                              details={"File": path, "failing operation": "Open"}) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            return os.dup(handle)  # the supervisor refuses it (not a regular file) without opening it
+        try:
+            return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise EnclaveKitError(f"cannot read the EIF {path}: {exc.strerror or exc}", code="E19",
+                                  details={"File": path, "failing operation": "Open"}) from exc
+    finally:
+        os.close(handle)
 
 
 def ping_server(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -641,30 +669,39 @@ class _Server:
             conn.sendall(json.dumps(msg).encode() + b"\n")
 
     @staticmethod
-    def _read_line(conn: socket.socket) -> dict[str, Any] | None:
-        """One JSON object line, at most 64 KiB, within the request deadline, nothing after it; else None."""
+    def _read_line(conn: socket.socket, *, with_fds: bool = False) -> Any:
+        """One JSON object line, at most 64 KiB, within the request deadline, nothing after it; else None.
+
+        ``with_fds``: ``(line or None, descriptors)``, the descriptors that came with it (``SCM_RIGHTS``), which the
+        caller closes.
+        """
         deadline = time.monotonic() + _REQUEST_TIMEOUT
         buf = b""
+        fds: list[int] = []
+        msg: Any = None
         while b"\n" not in buf:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or len(buf) > _REQUEST_MAX:
-                return None
+                break
             conn.settimeout(remaining)
             try:
-                chunk = conn.recv(_REQUEST_MAX + 1 - len(buf))
+                if with_fds:
+                    chunk, got, _flags, _addr = socket.recv_fds(conn, _REQUEST_MAX + 1 - len(buf), 4)
+                    fds.extend(got)
+                else:
+                    chunk = conn.recv(_REQUEST_MAX + 1 - len(buf))
             except OSError:
-                return None
+                break
             if not chunk:
-                return None
+                break
             buf += chunk
-        line, rest = buf.split(b"\n", 1)
-        if len(line) > _REQUEST_MAX or rest:  # the protocol is one line, then the server's answer
-            return None
-        try:
-            msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return msg if isinstance(msg, dict) else None
+        else:
+            line, rest = buf.split(b"\n", 1)
+            if len(line) <= _REQUEST_MAX and not rest:  # the protocol is one line, then the server's answer
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    msg = json.loads(line)
+        msg = msg if isinstance(msg, dict) else None
+        return (msg, fds) if with_fds else msg
 
     @staticmethod
     def _peer_is_waiting(conn: socket.socket) -> bool:
@@ -709,35 +746,46 @@ class _Server:
         request = dataclasses.replace(request, owner_uid=uid)
         self._reply(conn, {"ready": os.getpid()})
         # phase 2 (finding 1): fork only on the client's go; a client that gave up (EOF) or stalls starts nothing
-        go = self._read_line(conn)
-        if go is None or go.get("go") is not True:
-            return
-        env = go.get("env")
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            self._reply(conn, {"error": {"code": "E17", "message": "bad run request: env must be an object of "
-                                                                  "strings"}})
-            return
-        conn.setblocking(True)  # the supervisor writes its report to this descriptor
+        go, fds = self._read_line(conn, with_fds=True)
         try:
-            pid = os.fork()
-        except OSError as exc:
-            self._reply(conn, {"error": {"code": "E05",
-                                         "message": f"cannot fork the enclave supervisor: {exc.strerror or exc}"}})
-            return
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
+            if go is None or go.get("go") is not True:
+                return
+            env = go.get("env")
+            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in env.items()):
+                self._reply(conn, {"error": {"code": "E17", "message": "bad run request: env must be an object of "
+                                                                      "strings"}})
+                return
+            if len(fds) != 1:
+                # the EIF comes only as the client's own descriptor: the server never opens it with its rights
+                self._reply(conn, {"error": {"code": "E17", "message": "bad run request: go must carry the EIF's "
+                                                                      "descriptor"}})
+                return
+            conn.setblocking(True)  # the supervisor writes its report to this descriptor
             try:
-                os.setsid()
-                if os.fork() != 0:
-                    os._exit(0)
-                code = self._supervise(conn, request, env)
-            finally:
-                os._exit(code)
-        self.launches += 1
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)  # the intermediate process exits at once: the supervisor is nobody's child
+                pid = os.fork()
+            except OSError as exc:
+                self._reply(conn, {"error": {"code": "E05",
+                                             "message": f"cannot fork the enclave supervisor: {exc.strerror or exc}"}})
+                return
+            if pid == 0:  # pragma: no cover - runs in the child
+                code = 1
+                try:
+                    os.setsid()
+                    if os.fork() != 0:
+                        os._exit(0)
+                    code = self._supervise(conn, request, env, fds[0])
+                finally:
+                    os._exit(code)
+            self.launches += 1
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # the intermediate process exits at once: the supervisor is nobody's child
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-    def _supervise(self, conn: socket.socket, request: Any, env: dict[str, str]) -> int:  # pragma: no cover
+    def _supervise(self, conn: socket.socket, request: Any, env: dict[str, str],
+                   eif_fd: int) -> int:  # pragma: no cover
         """In the supervisor (grandchild): drop the server's resources, take the client's environment, run."""
         from enclavekit.runtime import supervisor  # noqa: PLC0415 - pre-loaded
         from enclavekit.runtime.registry import Registry  # noqa: PLC0415
@@ -757,8 +805,9 @@ class _Server:
             image_store.ACTIVE.forget_server_lock()  # the server's own; closed here, before the range below
         report_fd = conn.detach()
         detach_stdio()
-        os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, max_fd())
+        keep = sorted({2, report_fd, eif_fd})  # stdio, the report connection, the client's EIF: nothing else
+        for low, high in zip(keep, [*keep[1:], max_fd()], strict=True):
+            os.closerange(low + 1, high)
         os.environ.clear()
         os.environ.update(env)
         supervisor._TRACE = env.get("ENCLAVEKIT_LAUNCH_TRACE")
@@ -774,7 +823,7 @@ class _Server:
         except EnclaveKitError as exc:
             reporter.send(error={"code": exc.code, "message": exc.message, "details": exc.details})
             return 1
-        return supervisor._run_detached(request, reporter)
+        return supervisor._run_detached(request, reporter, eif_fd=eif_fd)
 
 
 def serve(run_dir: str | os.PathLike[str], *, idle: float | None = None, stale_fingerprint: bool = False) -> int:

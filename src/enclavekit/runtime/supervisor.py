@@ -834,8 +834,9 @@ class _Heartbeat:
 class Supervisor:
     """One enclave's life; :meth:`run` never returns normally (the process exits when the enclave is gone)."""
 
-    def __init__(self, request: RunRequest, reporter: _Reporter) -> None:
+    def __init__(self, request: RunRequest, reporter: _Reporter, *, eif_fd: int | None = None) -> None:
         self.req = request
+        self.eif_fd = eif_fd  # the EIF as the client opened it (a launch server's supervisor), else None
         self.reporter = reporter
         self.registry = Registry(Path(request.run_dir))
         self.state_home = Path(request.state_home)
@@ -869,9 +870,11 @@ class Supervisor:
         """
         path = self.req.eif_path
         details = {"File": path, "failing operation": "Open"}
+        opened, self.eif_fd = self.eif_fd, None
         try:
+            # the client's descriptor (opened for reading with its rights, or O_PATH for what is not a file), else
             # O_PATH first: naming a device or a FIFO as the EIF must not open it (side effects, a hang)
-            handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            handle = opened if opened is not None else os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError as exc:
             raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}", details=details) from exc
         try:
@@ -887,7 +890,8 @@ class Supervisor:
                 if known is not None:
                     return known
             try:
-                fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+                fd = os.dup(handle) if opened is not None else os.open(f"/proc/self/fd/{handle}",
+                                                                        os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
             except OSError as exc:
                 raise FileOperationError(f"cannot read the EIF {path}: {exc.strerror or exc}",
                                          details=details) from exc
@@ -1230,8 +1234,8 @@ def _run_parameters(request: RunRequest) -> dict[str, Any]:
     return params
 
 
-def _supervise(request: RunRequest, reporter: _Reporter) -> int:
-    sup = Supervisor(request, reporter)
+def _supervise(request: RunRequest, reporter: _Reporter, eif_fd: int | None = None) -> int:
+    sup = Supervisor(request, reporter, eif_fd=eif_fd)
     # issue 6: lifecycle records go to the state directory's trail (runtime/audit.py), never before the report
     audit = RuntimeAudit(Path(request.state_home), owner_uid=request.owner_uid)
     signal.signal(signal.SIGTERM, lambda *_: sup.terminate_requested.set())
@@ -1278,11 +1282,11 @@ def _supervise(request: RunRequest, reporter: _Reporter) -> int:
     return 0
 
 
-def _run_detached(request: RunRequest, reporter: _Reporter) -> int:
+def _run_detached(request: RunRequest, reporter: _Reporter, *, eif_fd: int | None = None) -> int:
     os.chdir("/")
     os.umask(0o022)
     try:
-        return _supervise(request, reporter)
+        return _supervise(request, reporter, eif_fd)
     except BaseException:  # last resort; already reported where possible
         return 1
     finally:
