@@ -59,7 +59,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import enclavekit
-from enclavekit._internal.fds import detach_stdio, max_fd
+from enclavekit._internal.fds import detach_stdio, double_fork, max_fd
 from enclavekit.errors import EnclaveKitError
 
 __all__ = [
@@ -407,25 +407,13 @@ def start_server(run_dir: str | os.PathLike[str]) -> None:
 
 
 def _start_by_fork(root: str) -> None:
-    try:
-        pid = os.fork()
-    except OSError:
-        return  # no server this time; the next launch tries again
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            detach_stdio()
-            os.closerange(3, max_fd())
-            code = serve(root)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    def run() -> int:
+        detach_stdio()
+        os.closerange(3, max_fd())
+        return serve(root)
+
+    with contextlib.suppress(OSError):  # no server this time; the next launch tries again
+        double_fork(run)
 
 
 def _start_by_exec(root: str) -> None:
@@ -763,23 +751,13 @@ class _Server:
                 return
             conn.setblocking(True)  # the supervisor writes its report to this descriptor
             try:
-                pid = os.fork()
+                # the supervisor is nobody's child: the intermediate process exits at once
+                double_fork(lambda: self._supervise(conn, request, env, fds[0]))
             except OSError as exc:
                 self._reply(conn, {"error": {"code": "E05",
                                              "message": f"cannot fork the enclave supervisor: {exc.strerror or exc}"}})
                 return
-            if pid == 0:  # pragma: no cover - runs in the child
-                code = 1
-                try:
-                    os.setsid()
-                    if os.fork() != 0:
-                        os._exit(0)
-                    code = self._supervise(conn, request, env, fds[0])
-                finally:
-                    os._exit(code)
             self.launches += 1
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)  # the intermediate process exits at once: the supervisor is nobody's child
         finally:
             for fd in fds:
                 os.close(fd)

@@ -62,7 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from enclavekit._internal.fds import detach_stdio, max_fd
+from enclavekit._internal.fds import detach_stdio, double_fork, max_fd
 from enclavekit.errors import (
     ConfigError,
     EIFFormatError,
@@ -614,24 +614,18 @@ def _spawn_by_exec(request: RunRequest, report_w: int) -> None:
 
 def _spawn_by_fork(request: RunRequest, report_w: int) -> None:
     """Double fork of this (single-threaded) process: the supervisor starts with every module already imported."""
+
+    def supervise() -> int:
+        detach_stdio()
+        os.closerange(3, report_w)
+        os.closerange(report_w + 1, max_fd())
+        return _run_detached(request, _Reporter(report_w))
+
     try:
-        pid = os.fork()
+        status = double_fork(supervise)
     except OSError as exc:
         raise EnclaveKitError(f"cannot fork the enclave supervisor: {exc.strerror or exc}", code="E05") from exc
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            detach_stdio()
-            os.closerange(3, report_w)
-            os.closerange(report_w + 1, max_fd())
-            code = _run_detached(request, _Reporter(report_w))
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if status != 0:
         raise EnclaveKitError("the enclave supervisor could not detach", code="E06")
 
 
