@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias, TypeVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
 from enclavekit.errors import CBORError, FormatError
 from enclavekit.formats import cbor
@@ -221,11 +221,39 @@ def _unit(name: str) -> bytes:
     return cbor.encode(name)
 
 
+class _Message:
+    """What every NSM message shares (§2.1): the wire form from its dataclass fields, in declaration order (which is
+    the order §2.2/§2.3 put them on the wire; every key is written, ``None`` as null), a bare text string for a
+    message without fields."""
+
+    VARIANT: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def _wire_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_bytes(self) -> bytes:
+        body = self._wire_fields()
+        return _struct(self.VARIANT, body) if body else _unit(self.VARIANT)
+
+
+class _Request(_Message):
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        return _expect(decode_request(data), cls)
+
+
+class _Response(_Message):
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        return _expect(decode_response(data), cls)
+
+
 # ------------------------------------------------------------------------------------------------ requests
 
 
 @dataclass(frozen=True)
-class DescribePCRRequest:
+class DescribePCRRequest(_Request):
     """``{"DescribePCR":{"index":uint}}`` (§2.2)."""
 
     VARIANT: ClassVar[str] = "DescribePCR"
@@ -234,16 +262,9 @@ class DescribePCRRequest:
     def __post_init__(self) -> None:
         _check_u16(self.index, "index")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"index": self.index})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> DescribePCRRequest:
-        return _expect(decode_request(data), cls)
-
 
 @dataclass(frozen=True)
-class ExtendPCRRequest:
+class ExtendPCRRequest(_Request):
     """``{"ExtendPCR":{"index":uint,"data":bstr}}`` (§2.2); ``data`` is extended raw, not pre-hashed."""
 
     VARIANT: ClassVar[str] = "ExtendPCR"
@@ -254,16 +275,9 @@ class ExtendPCRRequest:
         _check_u16(self.index, "index")
         _check_bytes(self.data, "data")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"index": self.index, "data": self.data})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ExtendPCRRequest:
-        return _expect(decode_request(data), cls)
-
 
 @dataclass(frozen=True)
-class LockPCRRequest:
+class LockPCRRequest(_Request):
     """``{"LockPCR":{"index":uint}}`` (§2.2)."""
 
     VARIANT: ClassVar[str] = "LockPCR"
@@ -272,16 +286,9 @@ class LockPCRRequest:
     def __post_init__(self) -> None:
         _check_u16(self.index, "index")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"index": self.index})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LockPCRRequest:
-        return _expect(decode_request(data), cls)
-
 
 @dataclass(frozen=True)
-class LockPCRsRequest:
+class LockPCRsRequest(_Request):
     """``{"LockPCRs":{"range":uint}}`` (§2.2): lock PCRs ``[0, range)``."""
 
     VARIANT: ClassVar[str] = "LockPCRs"
@@ -290,30 +297,16 @@ class LockPCRsRequest:
     def __post_init__(self) -> None:
         _check_u16(self.range, "range")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"range": self.range})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LockPCRsRequest:
-        return _expect(decode_request(data), cls)
-
 
 @dataclass(frozen=True)
-class DescribeNSMRequest:
+class DescribeNSMRequest(_Request):
     """Text ``"DescribeNSM"`` (§2.2)."""
 
     VARIANT: ClassVar[str] = "DescribeNSM"
 
-    def to_bytes(self) -> bytes:
-        return _unit(self.VARIANT)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> DescribeNSMRequest:
-        return _expect(decode_request(data), cls)
-
 
 @dataclass(frozen=True)
-class AttestationRequest:
+class AttestationRequest(_Request):
     """``{"Attestation":{"user_data":…,"nonce":…,"public_key":…}}`` (§2.2): all three keys, null when absent."""
 
     VARIANT: ClassVar[str] = "Attestation"
@@ -326,28 +319,12 @@ class AttestationRequest:
         _check_bytes(self.nonce, "nonce", optional=True)
         _check_bytes(self.public_key, "public_key", optional=True)
 
-    def to_bytes(self) -> bytes:
-        # §2.2: this key order, all three keys always present (Rust and C clients)
-        return _struct(self.VARIANT, {"user_data": self.user_data, "nonce": self.nonce,
-                                      "public_key": self.public_key})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> AttestationRequest:
-        return _expect(decode_request(data), cls)
-
 
 @dataclass(frozen=True)
-class GetRandomRequest:
+class GetRandomRequest(_Request):
     """Text ``"GetRandom"`` (§2.2)."""
 
     VARIANT: ClassVar[str] = "GetRandom"
-
-    def to_bytes(self) -> bytes:
-        return _unit(self.VARIANT)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> GetRandomRequest:
-        return _expect(decode_request(data), cls)
 
 
 Request: TypeAlias = (
@@ -388,7 +365,7 @@ def decode_request(data: bytes, *, max_size: int = REQUEST_MAX_SIZE) -> Request:
 
 
 @dataclass(frozen=True)
-class DescribePCRResponse:
+class DescribePCRResponse(_Response):
     """``{"DescribePCR":{"lock":bool,"data":bstr(48)}}`` (§2.3)."""
 
     VARIANT: ClassVar[str] = "DescribePCR"
@@ -400,16 +377,9 @@ class DescribePCRResponse:
             raise TypeError("lock must be a bool")
         _check_bytes(self.data, "data")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"lock": self.lock, "data": self.data})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> DescribePCRResponse:
-        return _expect(decode_response(data), cls)
-
 
 @dataclass(frozen=True)
-class ExtendPCRResponse:
+class ExtendPCRResponse(_Response):
     """``{"ExtendPCR":{"data":bstr(48)}}`` (§2.3): the new PCR value."""
 
     VARIANT: ClassVar[str] = "ExtendPCR"
@@ -418,44 +388,23 @@ class ExtendPCRResponse:
     def __post_init__(self) -> None:
         _check_bytes(self.data, "data")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"data": self.data})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ExtendPCRResponse:
-        return _expect(decode_response(data), cls)
-
 
 @dataclass(frozen=True)
-class LockPCRResponse:
+class LockPCRResponse(_Response):
     """Text ``"LockPCR"`` (§2.3)."""
 
     VARIANT: ClassVar[str] = "LockPCR"
 
-    def to_bytes(self) -> bytes:
-        return _unit(self.VARIANT)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LockPCRResponse:
-        return _expect(decode_response(data), cls)
-
 
 @dataclass(frozen=True)
-class LockPCRsResponse:
+class LockPCRsResponse(_Response):
     """Text ``"LockPCRs"`` (§2.3)."""
 
     VARIANT: ClassVar[str] = "LockPCRs"
 
-    def to_bytes(self) -> bytes:
-        return _unit(self.VARIANT)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LockPCRsResponse:
-        return _expect(decode_response(data), cls)
-
 
 @dataclass(frozen=True)
-class DescribeNSMResponse:
+class DescribeNSMResponse(_Response):
     """``{"DescribeNSM":{version_major, version_minor, version_patch, module_id, max_pcrs, locked_pcrs, digest}}``.
 
     Fields in the Rust declaration order (§2.3); ``locked_pcrs`` is ascending on the wire (a ``BTreeSet``).
@@ -481,24 +430,12 @@ class DescribeNSMResponse:
             _check_u16(index, "locked_pcrs item")
         object.__setattr__(self, "digest", Digest(self.digest))
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {
-            "version_major": self.version_major,
-            "version_minor": self.version_minor,
-            "version_patch": self.version_patch,
-            "module_id": self.module_id,
-            "max_pcrs": self.max_pcrs,
-            "locked_pcrs": list(self.locked_pcrs),
-            "digest": self.digest.value,
-        })
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> DescribeNSMResponse:
-        return _expect(decode_response(data), cls)
+    def _wire_fields(self) -> dict[str, Any]:
+        return {**super()._wire_fields(), "locked_pcrs": list(self.locked_pcrs), "digest": self.digest.value}
 
 
 @dataclass(frozen=True)
-class AttestationResponse:
+class AttestationResponse(_Response):
     """``{"Attestation":{"document":bstr}}`` (§2.3): the complete COSE_Sign1 bytes."""
 
     VARIANT: ClassVar[str] = "Attestation"
@@ -507,16 +444,9 @@ class AttestationResponse:
     def __post_init__(self) -> None:
         _check_bytes(self.document, "document")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"document": self.document})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> AttestationResponse:
-        return _expect(decode_response(data), cls)
-
 
 @dataclass(frozen=True)
-class GetRandomResponse:
+class GetRandomResponse(_Response):
     """``{"GetRandom":{"random":bstr}}`` (§2.3).
 
     The Linux hwrng matches the prefix ``a1 69 "GetRandom" a1 66 "random"`` byte for byte, so both maps are
@@ -529,16 +459,9 @@ class GetRandomResponse:
     def __post_init__(self) -> None:
         _check_bytes(self.random, "random")
 
-    def to_bytes(self) -> bytes:
-        return _struct(self.VARIANT, {"random": self.random})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> GetRandomResponse:
-        return _expect(decode_response(data), cls)
-
 
 @dataclass(frozen=True)
-class ErrorResponse:
+class ErrorResponse(_Response):
     """``{"Error":"<NSMErrorCode>"}`` (§2.3, §2.4)."""
 
     VARIANT: ClassVar[str] = "Error"
@@ -549,10 +472,6 @@ class ErrorResponse:
 
     def to_bytes(self) -> bytes:
         return cbor.encode({self.VARIANT: self.error.value})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ErrorResponse:
-        return _expect(decode_response(data), cls)
 
 
 Response: TypeAlias = (
