@@ -318,6 +318,15 @@ class EnclaveKitError(Exception):
         return self.message
 
 
+class _WithRule(EnclaveKitError):
+    """An error that names the rule (the check) that failed: ``rule``."""
+
+    def __init__(self, message: str, *, rule: str, code: str | None = None, hint: str | None = None,
+                 details: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code, hint=hint, details=details)
+        self.rule = rule
+
+
 class ConfigError(EnclaveKitError):
     code = "E03"
 
@@ -340,14 +349,10 @@ class EIFFormatError(FormatError):
     code = "E35"
 
 
-class EIFValidationError(FormatError):
+class EIFValidationError(_WithRule, FormatError):
     """A strict-mode rule failed; ``rule`` names it."""
 
     code = "E61"
-
-    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
-        self.rule = rule
 
 
 class ArchiveError(FormatError):
@@ -400,14 +405,10 @@ class DetachedSignatureError(SigningError):
     code = "E66"
 
 
-class VerificationError(EnclaveKitError):
+class VerificationError(_WithRule, EnclaveKitError):
     """Well formed, but not trustworthy.  ``rule`` names the rule that failed."""
 
     code = "E71"
-
-    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
-        self.rule = rule
 
 
 class EIFSignatureError(VerificationError):
@@ -471,24 +472,16 @@ class VsockConnectionRefused(TransportError):
     code = "E76"
 
 
-class VsockHandshakeError(TransportError):
+class VsockHandshakeError(_WithRule, TransportError):
     """The CONNECT/OK handshake of an emulated channel failed; ``rule`` names what was wrong."""
 
     code = "E77"
 
-    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
-        self.rule = rule
 
-
-class AllowlistError(ConfigError):
+class AllowlistError(_WithRule, ConfigError):
     """The vsock-proxy allow-list is malformed, or the destination is not on it; ``rule`` names the check."""
 
     code = "E78"
-
-    def __init__(self, message: str, *, rule: str, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
-        self.rule = rule
 
 
 class EnclaveRuntimeError(EnclaveKitError):
