@@ -572,6 +572,16 @@ class AsyncUnixVsockListener(_AsyncQueueListener):
 # ---------------------------------------------------------------------------------------------- real AF_VSOCK
 
 
+
+def _connect_failure(exc: OSError, address: VsockAddress, timeout: float | None) -> TransportError:
+    """The typed error for a failed AF_VSOCK connect (blocking or asyncio)."""
+    if isinstance(exc, ConnectionRefusedError | ConnectionResetError):
+        # vsock answers a connect to a port nobody listens on with ECONNRESET.
+        return VsockConnectionRefused(f"connection to vsock {address} refused: nobody listens")
+    if isinstance(exc, TimeoutError):
+        return VsockTimeout(f"connecting to vsock {address} timed out after {timeout:g} s")
+    return TransportError(f"connecting to vsock {address} failed: {exc.strerror or exc}")
+
 class AFVsockTransport:
     """Real ``AF_VSOCK`` sockets, for real Nitro only.  ``socket_factory(family, type)`` makes the sockets."""
 
@@ -594,16 +604,9 @@ class AFVsockTransport:
             sock.connect(address.as_tuple())
             local = VsockAddress(*sock.getsockname())
             sock.settimeout(None)
-        except (ConnectionRefusedError, ConnectionResetError) as exc:
-            sock.close()
-            # vsock answers a connect to a port nobody listens on with ECONNRESET.
-            raise VsockConnectionRefused(f"connection to vsock {address} refused: nobody listens") from exc
-        except TimeoutError as exc:
-            sock.close()
-            raise VsockTimeout(f"connecting to vsock {address} timed out after {timeout:g} s") from exc
         except OSError as exc:
             sock.close()
-            raise TransportError(f"connecting to vsock {address} failed: {exc.strerror or exc}") from exc
+            raise _connect_failure(exc, address, timeout) from exc
         return VsockConnection(sock, local, address)
 
     def _bind(self, port: int, backlog: int) -> tuple[Any, VsockAddress]:
@@ -635,15 +638,9 @@ class AFVsockTransport:
                 await asyncio.get_running_loop().sock_connect(sock, address.as_tuple())
                 reader, writer = await asyncio.open_connection(sock=sock)
             local = VsockAddress(*sock.getsockname())
-        except (ConnectionRefusedError, ConnectionResetError) as exc:
-            sock.close()
-            raise VsockConnectionRefused(f"connection to vsock {address} refused: nobody listens") from exc
-        except TimeoutError as exc:
-            sock.close()
-            raise VsockTimeout(f"connecting to vsock {address} timed out after {timeout:g} s") from exc
         except OSError as exc:
             sock.close()
-            raise TransportError(f"connecting to vsock {address} failed: {exc.strerror or exc}") from exc
+            raise _connect_failure(exc, address, timeout) from exc
         return reader, writer, local
 
     async def start_listener(self, port: int, backlog: int = 128) -> AsyncAFVsockListener:
