@@ -342,6 +342,29 @@ class SQLKeyStore(KeyStore):
             raise ValueError("account_id is 12 digits")
         self.root_key = root_key
         self.account_id = account_id
+        # one connection per thread (the server's workers), all closed by close()
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._all_lock = threading.Lock()
+
+    def _thread_connection(self, open_connection: Callable[[], Any],
+                           usable: Callable[[Any], bool] = lambda conn: True) -> Any:
+        """This thread's connection, opened (and remembered for :meth:`close`) the first time or when unusable."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or not usable(conn):
+            conn = open_connection()
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()
 
     # ---- subclass hooks
     @abstractmethod
@@ -540,9 +563,6 @@ class SQLiteStore(SQLKeyStore):
             raise StoreError(f"cannot create the data directory {self.data_dir}: {exc.strerror}") from exc
         super().__init__(root_key if root_key is not None else load_root_key(self.data_dir), account_id)
         self.path = self.data_dir / "kms.sqlite3"
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
         with self._transaction(write=True) as cur:
             self._init_schema(cur)
 
@@ -550,8 +570,7 @@ class SQLiteStore(SQLKeyStore):
         return sql.replace("%s", "?")
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        def open_connection() -> sqlite3.Connection:
             try:
                 conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
                                        check_same_thread=False)
@@ -560,9 +579,9 @@ class SQLiteStore(SQLKeyStore):
                 conn.execute("PRAGMA foreign_keys=ON")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open the key store {self.path}: {exc}") from exc
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
+            return conn
+
+        conn: sqlite3.Connection = self._thread_connection(open_connection)
         return conn
 
     @contextlib.contextmanager
@@ -580,13 +599,6 @@ class SQLiteStore(SQLKeyStore):
         except sqlite3.Error as exc:
             raise StoreError(f"key store error: {exc}") from exc
 
-    def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._all.clear()
-        self._local = threading.local()
 
 
 # --------------------------------------------------------------------------------------------- PostgreSQL
@@ -621,25 +633,19 @@ class PostgresStore(SQLKeyStore):
         self._pg = _psycopg()
         self.url = url
         super().__init__(root_key if root_key is not None else load_root_key(data_dir), account_id)
-        self._local = threading.local()
-        self._all: list[Any] = []
-        self._all_lock = threading.Lock()
         with self._transaction(write=True) as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._init_schema(cur)
 
     def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
+        def open_connection() -> Any:
             try:
-                conn = self._pg.connect(self.url, autocommit=True)
+                return self._pg.connect(self.url, autocommit=True)
             except self._pg.Error as exc:
                 # never echo the URL: it may carry a password
                 raise StoreError(f"cannot connect to the PostgreSQL key store: {type(exc).__name__}") from exc
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
-        return conn
+
+        return self._thread_connection(open_connection, usable=lambda conn: not conn.closed)
 
     @contextlib.contextmanager
     def _transaction(self, *, write: bool) -> Iterator[_Cursor]:
@@ -650,10 +656,3 @@ class PostgresStore(SQLKeyStore):
         except self._pg.Error as exc:
             raise StoreError(f"key store error: {type(exc).__name__}: {exc.diag.message_primary or ''}") from exc
 
-    def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                with contextlib.suppress(Exception):
-                    conn.close()
-            self._all.clear()
-        self._local = threading.local()
