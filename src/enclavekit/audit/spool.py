@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enclavekit._internal.fileio import fsync_dir
 from enclavekit.errors import AuditError, AuditSpoolError
 
 __all__ = ["SpoolCursor", "Spool"]
@@ -100,7 +101,7 @@ class Spool:
         # a new file's directory entry is durable only once the directory is fsync'd: without it, records
         # acknowledged after their own fsync could vanish with the whole file on a power loss
         try:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             raise
@@ -257,7 +258,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._follow_rename()
             return SpoolCursor(inode=os.stat(self.path).st_ino, offset=0)
 
@@ -273,11 +274,3 @@ def _last_newline(fd: int, size: int) -> int:
             return pos - step + idx + 1
         pos -= step
     return 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from enclavekit._internal.fileio import fsync_dir
 from enclavekit.audit.digest import (
     SIGNATURE_ALGORITHM,
     DigestFile,
@@ -158,7 +159,7 @@ class LocalDestination:
         finally:
             tmp.unlink()
         if created:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return created
 
     def put_new(self, key: str, data: bytes, metadata: dict[str, str] | None = None, *,
@@ -209,14 +210,6 @@ class LocalDestination:
         return sorted(keys)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     """``os.write`` may write less than asked (signals, quotas): loop until every byte is written."""
     view = memoryview(data)
@@ -233,7 +226,7 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _append_line(path: Path, line: bytes) -> None:
@@ -246,7 +239,7 @@ def _append_line(path: Path, line: bytes) -> None:
     finally:
         os.close(fd)
     if created:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 # ============================================================================================== config

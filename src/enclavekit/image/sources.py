@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from enclavekit._internal.fileio import FileWindow
 from enclavekit.errors import (
     ArchiveError,
     ConfigError,
@@ -382,41 +383,6 @@ class _Tree:
 # ---------------------------------------------------------------------------------------------- tar regions
 
 
-class _Region(io.RawIOBase):
-    """A read-only, seekable window ``[offset, offset + length)`` of a file: a layer inside an outer tar."""
-
-    def __init__(self, f: BinaryIO, offset: int, length: int) -> None:
-        super().__init__()
-        self._f = f
-        self._offset = offset
-        self._length = length
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._length}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        n = min(len(buf), self._length - self._pos)
-        if n <= 0:
-            return 0
-        self._f.seek(self._offset + self._pos)
-        data = self._f.read(n)
-        buf[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
 @dataclass(frozen=True)
 class _Blob:
     """An uncompressed-or-not byte range of a file on disk."""
@@ -485,7 +451,7 @@ def _uncompressed(blob: _Blob, ws: _Workspace, what: str) -> _Blob:
                 raise FileOperationError(f"cannot create a temporary file for {what}: {exc.strerror}",
                                          details={"file": out_path, "operation": "Open"}) from exc
             try:
-                with gzip.GzipFile(fileobj=io.BufferedReader(_Region(f, blob.offset, blob.size)), mode="rb") as gz:
+                with gzip.GzipFile(fileobj=io.BufferedReader(FileWindow(f, blob.offset, blob.size)), mode="rb") as gz:
                     while True:
                         try:
                             # Never more than the remaining allowance (+1 to notice going over it).
@@ -520,7 +486,7 @@ def _uncompressed(blob: _Blob, ws: _Workspace, what: str) -> _Blob:
 def _apply_layer(tree: _Tree, blob: _Blob, what: str) -> None:
     added: set[str] = set()
     with open(blob.path, "rb") as f:
-        region = io.BufferedReader(_Region(f, blob.offset, blob.size), buffer_size=1 << 16)
+        region = io.BufferedReader(FileWindow(f, blob.offset, blob.size), buffer_size=1 << 16)
         tar = _open_tar(region, what)
         for m in _tar_members(tar, what):
             path = clean_member_name(m.name)

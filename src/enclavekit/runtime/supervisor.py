@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from enclavekit._internal.fds import detach_stdio, double_fork, max_fd
+from enclavekit._internal.fileio import FileWindow, fileno_of
 from enclavekit.errors import (
     ConfigError,
     EIFFormatError,
@@ -332,56 +333,13 @@ def _ramdisks(info: EIFInfo) -> tuple[Any, ...]:
     return info.sections_of(SectionType.RAMDISK)
 
 
-class _SectionReader(io.RawIOBase):
-    """A read-only, seekable view of one section's data in the EIF file (``iter_members`` reads from it)."""
-
-    def __init__(self, f: IO[bytes], offset: int, size: int) -> None:
-        self._f, self._offset, self._size, self._pos = f, offset, size, 0
-        self._fd = _fileno(f)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self._size - self._pos)
-        if n <= 0:
-            return 0
-        if self._fd is not None:  # pread: no shared file position, no copy through a Python file object
-            data = os.pread(self._fd, n, self._offset + self._pos)
-        else:
-            self._f.seek(self._offset + self._pos)
-            data = self._f.read(n)
-        b[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
-def _fileno(f: IO[bytes]) -> int | None:
-    """The OS file descriptor behind ``f``, if it has one (an EIF on disk; not an in-memory file in tests)."""
-    try:
-        return f.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
-        return None
-
-
 def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[int, int, Any, Iterator[bytes]]]:
     """``(ramdisk index, section data offset, member, chunks)`` for every member of every ramdisk, in order.
 
     Unread member data is skipped with a seek, so a walk that reads only a few small files costs the headers only.
     """
     for number, section in enumerate(_ramdisks(info)):
-        raw = _SectionReader(f, section.data_offset, section.size)
+        raw = FileWindow(f, section.data_offset, section.size)
         magic = bytearray(6)
         if section.size < 6 or raw.readinto(magic) != 6 or bytes(magic) != CPIO_MAGIC:
             raise EIFFormatError(f"ramdisk section {section.index} is not an uncompressed newc cpio archive")
@@ -397,7 +355,7 @@ def _members(f: IO[bytes], info: EIFInfo) -> Iterator[tuple[int, int, Any, Itera
 def _copy_data(f: IO[bytes], offset: int, size: int, out_fd: int, chunks: Iterator[bytes]) -> None:
     """A member's ``size`` data bytes at file ``offset`` into ``out_fd``: in the kernel (sendfile) when ``f`` is a
     file on disk, else through ``chunks``."""
-    fd = _fileno(f)
+    fd = fileno_of(f)
     if fd is None:
         for chunk in chunks:
             view = memoryview(chunk)

@@ -176,9 +176,9 @@ def test_atomic_write_loops_on_short_writes(tmp_path: Path, monkeypatch: pytest.
 
 def test_new_spool_and_head_log_fsync_their_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[Path] = []
-    real_spool, real_trail = spool_module._fsync_dir, trail_module._fsync_dir
-    monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real_spool(p))[1])
-    monkeypatch.setattr(trail_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real_trail(p))[1])
+    real = spool_module.fsync_dir
+    monkeypatch.setattr(spool_module, "fsync_dir", lambda p: (synced.append(Path(p)), real(p))[1])
+    monkeypatch.setattr(trail_module, "fsync_dir", lambda p: (synced.append(Path(p)), real(p))[1])
     Spool(tmp_path / "s").close()
     assert tmp_path / "s" in synced
     synced.clear()
