@@ -104,20 +104,25 @@ def test_bad_inputs_exit_with_codes_and_no_traceback(rootfs: Path, tmp_path: Pat
     assert not out.exists()
 
 
+def _docker_archive(archive: Path, layer: bytes) -> Path:
+    """A one-layer ``docker save`` archive around ``layer`` (a tar), with a config whose Cmd is ``/x``."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]}}).encode()
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (("l/layer.tar", layer), ("c.json", config),
+                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    return archive
+
+
 def test_path_traversal_tarball(tmp_path: Path) -> None:
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w") as tar:
         info = tarfile.TarInfo("../../../tmp/owned")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]}}).encode()
-    archive = tmp_path / "evil.tar"
-    with tarfile.open(archive, "w") as tar:
-        for name, data in (("l/layer.tar", layer.getvalue()), ("c.json", config),
-                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
+    archive = _docker_archive(tmp_path / "evil.tar", layer.getvalue())
     out = tmp_path / "x.eif"
     proc = _run("build-enclave", "--docker-uri", f"docker-archive:{archive}", "--output-file", str(out))
     _assert_clean_error(proc, "E62")
@@ -191,14 +196,7 @@ def test_symlink_over_a_directory_in_one_layer_is_refused(tmp_path: Path) -> Non
         link = tarfile.TarInfo("a")
         link.type, link.linkname = tarfile.SYMTYPE, "/"
         tar.addfile(link)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]}}).encode()
-    archive = tmp_path / "evil.tar"
-    with tarfile.open(archive, "w") as tar:
-        for name, data in (("l/layer.tar", layer.getvalue()), ("c.json", config),
-                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
+    archive = _docker_archive(tmp_path / "evil.tar", layer.getvalue())
     out = tmp_path / "x.eif"
     _assert_clean_error(_run("build-enclave", "--docker-uri", f"docker-archive:{archive}", "--output-file",
                              str(out), "--arch", "x86_64"), "E62")
